@@ -1,0 +1,204 @@
+"""Focus Allocator: LensNet scores -> at most N_diff legal expand/collapse actions.
+
+Policy (greedy, deterministic):
+
+1. *Forced* collapses restore ``headroom`` free budget (room for the next block to open),
+   lowest score first. Budget is a hard invariant; these are the only collapses made
+   without a positive reason.
+2. *Expansions* with score > tau_expand, highest first, each taken only if the budget
+   allows it after *funding* collapses of entries scoring < -tau_collapse (lowest first).
+   A collapse never happens on its own when the budget is free: a history that fits in
+   W_max stays fully raw, whatever the scores.
+
+Legality: LOD0 cannot expand, the top level cannot collapse, the open block has no gist,
+a level-L group collapses only when all K of its children are entries. Cooldown: a node
+flipped at refocus step s cannot flip again before step s + cooldown + 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from .config import BLOCK_SIZE, MCConfig
+from .tree import NodeId, children, node_end, node_start, span_tokens
+from .working_context import Action, WorkingContext
+
+K = BLOCK_SIZE
+
+
+class CapacityError(RuntimeError):
+    """The history cannot be shown within W_max even at the coarsest level."""
+
+
+class HasNodes(Protocol):
+    def has_node(self, node: NodeId) -> bool: ...
+
+
+class _TreeLike(HasNodes, Protocol):
+    @property
+    def num_tokens(self) -> int: ...
+
+    def num_gists(self, level: int) -> int: ...
+
+
+class FocusAllocator:
+    """Per-request planner; holds the refocus step counter and the cooldown table."""
+
+    def __init__(self, config: MCConfig) -> None:
+        self.config = config
+        self.step = 0
+        self.last_flip: dict[NodeId, int] = {}
+        self.cooldown_overrides = 0  # forced collapses that had to ignore cooldown
+
+    def in_cooldown(self, node: NodeId) -> bool:
+        t = self.last_flip.get(node)
+        return t is not None and self.step - t <= self.config.cooldown
+
+    # ---- candidates --------------------------------------------------------------------
+
+    def _collapse_candidates(
+        self, wc: WorkingContext, scores: Sequence[float], tree: HasNodes
+    ) -> list[tuple[float, NodeId]]:
+        out: list[tuple[float, NodeId]] = []
+        entries, top = wc.entries, self.config.top_level
+        for i, (level, index) in enumerate(entries):
+            if level == 0:
+                coarse = (1, index)
+                if tree.has_node(coarse):
+                    out.append((float(scores[i]), coarse))
+            elif level < top and index % K == 0:
+                coarse = (level + 1, index // K)
+                kids = children(coarse)
+                if tree.has_node(coarse) and entries[i : i + K] == kids:
+                    out.append((sum(map(float, scores[i : i + K])) / K, coarse))
+        return out
+
+    # ---- planning ----------------------------------------------------------------------
+
+    def plan(
+        self,
+        wc: WorkingContext,
+        scores: Sequence[float],
+        tree: HasNodes,
+        *,
+        headroom: int = K,
+        max_actions: int | None = None,
+    ) -> list[Action]:
+        """One refocus: returns actions in the order they must be applied (not applied)."""
+        if len(scores) != len(wc.entries):
+            raise ValueError(f"{len(scores)} scores for {len(wc.entries)} entries")
+        self.step += 1
+        cfg = self.config
+        limit = cfg.n_diff if max_actions is None else max_actions
+        collapses = sorted(self._collapse_candidates(wc, scores, tree))
+        taken: list[Action] = []
+        spans: list[tuple[int, int]] = []
+        free = wc.free
+
+        def overlaps(node: NodeId) -> bool:
+            s, e = node_start(node), node_end(node)
+            return any(s < te and ts < e for ts, te in spans)
+
+        def take(action: Action) -> None:
+            nonlocal free
+            taken.append(action)
+            spans.append((node_start(action.node), node_end(action.node)))
+            free -= action.delta_cost
+            self.last_flip[action.node] = self.step
+
+        # 1. forced collapses: budget first, cooldown second.
+        while free < headroom:
+            pick = next(
+                (n for _, n in collapses if not overlaps(n) and not self.in_cooldown(n)), None
+            )
+            if pick is None:
+                pick = next((n for _, n in collapses if not overlaps(n)), None)
+                if pick is None:
+                    raise CapacityError(
+                        f"cannot free {headroom - free} more token-equivalents: history of "
+                        f"{wc.history_len} tokens needs more than W_max={wc.w_max} with "
+                        f"{cfg.gist_levels} gist level(s)"
+                    )
+                self.cooldown_overrides += 1
+            take(Action("collapse", pick))
+
+        # 2. expansions, funded by collapses of low-scoring entries.
+        expands = sorted(
+            ((float(s), e) for e, s in zip(wc.entries, scores, strict=True) if e[0] >= 1),
+            reverse=True,
+        )
+        funding = [(s, n) for s, n in collapses if s < -cfg.tau_collapse]
+        for s, node in expands:
+            if s <= cfg.tau_expand or len(taken) >= limit:
+                break
+            if self.in_cooldown(node) or overlaps(node):
+                continue
+            grow = Action("expand", node).delta_cost
+            fund: list[NodeId] = []
+            need = grow - (free - headroom)
+            for fs, fnode in funding:
+                if need <= 0:
+                    break
+                if fs >= s or self.in_cooldown(fnode) or overlaps(fnode):
+                    continue
+                fs0, fe0 = node_start(fnode), node_end(fnode)
+                if fs0 < node_end(node) and node_start(node) < fe0 or fnode in fund:
+                    continue
+                fund.append(fnode)
+                need += Action("collapse", fnode).delta_cost
+            if need > 0 or len(taken) + len(fund) + 1 > limit:
+                continue
+            for fnode in fund:
+                take(Action("collapse", fnode))
+            take(Action("expand", node))
+        return taken
+
+    def make_room(
+        self, wc: WorkingContext, scores: Sequence[float], tree: HasNodes, need: int
+    ) -> list[Action]:
+        """Ingest: collapse (lowest score first, no N_diff cap) until ``need`` is free."""
+        return self.plan(wc, scores, tree, headroom=need, max_actions=0)
+
+
+def cold_start(tree: _TreeLike, w_max: int, *, headroom: int = K, top_level: int = 2) -> WorkingContext:
+    """Assemble a working context for a whole history: recent blocks at LOD0, older at LOD1,
+    oldest at the top level. A history that fits in W_max is shown fully raw."""
+    n = tree.num_tokens
+    n_entries = -(-n // K)
+    if n_entries * K <= w_max:
+        return WorkingContext.all_lod0(n, w_max)
+    # Coarsest cover: complete top-level nodes, then complete nodes of each lower level,
+    # then the open block.
+    entries: list[NodeId] = []
+    cursor = 0
+    for level in range(top_level, 0, -1):
+        span, have = span_tokens(level), tree.num_gists(level)
+        first = cursor // span
+        if have > first:
+            entries += [(level, i) for i in range(first, have)]
+            cursor = have * span
+    entries += [(0, b) for b in range(cursor // K, n_entries)]
+    wc = WorkingContext(entries, n, w_max)
+    budget = w_max - headroom
+    cost = wc.cost
+    if cost > budget:
+        raise CapacityError(
+            f"history of {n} tokens needs {cost} token-equivalents at the coarsest level "
+            f"(+{headroom} headroom) > W_max={w_max}; raise W_max or gist_levels"
+        )
+    # Refine newest first: expand the newest non-raw entry while the budget allows.
+    i = len(wc.entries) - 1
+    while i >= 0:
+        e = wc.entries[i]
+        if e[0] == 0:
+            i -= 1
+            continue
+        action = Action("expand", e)
+        if cost + action.delta_cost > budget:
+            break
+        wc.apply(action)
+        cost += action.delta_cost
+        i += len(action.added) - 1
+    return wc
+

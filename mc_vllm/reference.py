@@ -1,0 +1,158 @@
+"""Exact MegaContext decoding on HF transformers: the oracle for tests and quality numbers.
+
+Every step feeds the *whole* working context to the model as ``inputs_embeds`` (token
+embeddings for LOD0 entries, gist vectors for gists) with the ``position_ids`` its position
+mode prescribes. No KV cache, no reuse: slow, simple, obviously right. The vLLM runtime
+reuses KV across refocus edits; this module is what that approximation is measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .core.allocator import FocusAllocator, cold_start
+from .core.config import BLOCK_SIZE, MCConfig
+from .core.gistnet import MeanPoolGist
+from .core.lensnet import HeuristicScorer, Scorer
+from .core.tree import GistFn, MegaContextTree
+from .core.working_context import Action, WorkingContext, check_invariants
+
+K = BLOCK_SIZE
+
+
+@dataclass
+class MCStats:
+    """What a user sees of one MegaContext generation."""
+
+    history_len: int = 0
+    wc_entries_by_level: dict[int, int] = field(default_factory=dict)
+    wc_cost: int = 0
+    w_max: int = 0
+    refocuses: int = 0
+    expands: int = 0
+    collapses: int = 0
+    actions: list[list[Action]] = field(default_factory=list)  # per refocus
+
+    def summary(self) -> str:
+        levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(self.wc_entries_by_level.items()))
+        return (
+            f"history={self.history_len} tokens | working context {self.wc_cost}/{self.w_max} "
+            f"token-equivalents ({levels}) | refocuses={self.refocuses} "
+            f"expands={self.expands} collapses={self.collapses}"
+        )
+
+
+@dataclass
+class ReferenceOutput:
+    token_ids: list[int]
+    stats: MCStats
+
+
+class ReferenceRuntime:
+    """MegaContext over a HF causal LM (Llama-style: accepts inputs_embeds + position_ids)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: MCConfig | None = None,
+        *,
+        gist_fn: GistFn | None = None,
+        scorer: Scorer | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.config = config or MCConfig()
+        self._embed = model.get_input_embeddings()
+        self.embed_dim = self._embed.weight.shape[1]
+        self.gist_fn = gist_fn or MeanPoolGist(self.embed_dim)
+        self.scorer = scorer or HeuristicScorer()
+
+    def new_tree(self) -> MegaContextTree:
+        return MegaContextTree(
+            embed_dim=self.embed_dim,
+            embed_fn=self._embed,
+            gist_fn=self.gist_fn,
+            gist_levels=self.config.gist_levels,
+        )
+
+    def materialize(self, wc: WorkingContext, tree: MegaContextTree) -> tuple[torch.Tensor, list[int]]:
+        """The working context as model input: embeddings [S, D] and slot positions [S]."""
+        parts: list[torch.Tensor] = []
+        run: list[np.ndarray] = []  # consecutive LOD0 entries are embedded in one call
+
+        def flush() -> None:
+            if run:
+                parts.append(tree.embed(np.concatenate(run)))
+                run.clear()
+
+        for e in wc.entries:
+            if e[0] == 0:
+                run.append(tree.block_tokens(e[1]))
+            else:
+                flush()
+                parts.append(tree.gist(e)[None].float())
+        flush()
+        return torch.cat(parts), wc.slot_positions(self.config.position_mode)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        on_token: Callable[[int], None] | None = None,
+    ) -> ReferenceOutput:
+        """Greedy MegaContext decoding of one prompt (any length)."""
+        cfg = self.config
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt must contain at least one token")
+        tree = self.new_tree()
+        tree.append(prompt_ids)
+        wc = cold_start(tree, cfg.w_max, top_level=cfg.top_level)
+        alloc = FocusAllocator(cfg)
+        stats = MCStats(w_max=cfg.w_max)
+        out: list[int] = []
+        self._refocus(wc, tree, alloc, stats)
+        dev = next(self.model.parameters()).device
+        for _ in range(max_new_tokens):
+            embeds, positions = self.materialize(wc, tree)
+            if cfg.debug_invariants:
+                check_invariants(wc, mode=cfg.position_mode, positions=positions, top_level=cfg.top_level)
+            logits = self.model(
+                inputs_embeds=embeds[None].to(dev, self._embed.weight.dtype),
+                position_ids=torch.tensor([positions], device=dev),
+                use_cache=False,
+            ).logits[0, -1]
+            tok = int(torch.argmax(logits))
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok == eos_token_id:
+                break
+            tree.append([tok])
+            wc.grow(tree.num_tokens)
+            self._refocus(wc, tree, alloc, stats)
+        stats.history_len = tree.num_tokens
+        stats.wc_entries_by_level = wc.count_by_level()
+        stats.wc_cost = wc.cost
+        return ReferenceOutput(out, stats)
+
+    def _refocus(
+        self, wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator, stats: MCStats
+    ) -> None:
+        """At every block boundary: score, plan, edit (the next block needs K of headroom)."""
+        if tree.num_tokens % K:
+            return
+        actions = alloc.plan(wc, self.scorer.score(wc, tree), tree, headroom=K)
+        for a in actions:
+            wc.apply(a)
+        stats.refocuses += 1
+        stats.actions.append(actions)
+        stats.expands += sum(a.op == "expand" for a in actions)
+        stats.collapses += sum(a.op == "collapse" for a in actions)
+        if self.config.debug_invariants:
+            check_invariants(wc, top_level=self.config.top_level)

@@ -10,3 +10,17 @@ from hypothesis import settings
 settings.register_profile("default", deadline=None)
 settings.register_profile("thorough", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("MC_HYPOTHESIS", "default"))
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The bundled tiny model (built by the setup command; rebuilt here if missing)."""
+    from mc_vllm.tiny_model import make_tiny_model
+
+    return Path(make_tiny_model(ROOT / "models" / "tiny-llama"))

@@ -194,8 +194,8 @@ class MegaContextTree:
     def flush(self) -> None:
         """Persist the open block and fsync (a crash loses at most the un-flushed open block)."""
         if self._store is not None:
+            self._store.flush()  # blocks first: open.bin is tagged with the block count
             self._store.set_open_tokens(np.asarray(self._open, dtype=np.int32))
-            self._store.flush()
 
     # ---- gisting -----------------------------------------------------------------------
 

@@ -88,14 +88,18 @@ class _Growable:
 
 
 class MegaContextTree:
-    """History of one request/session: tokens, gists per level, optional persistent store."""
+    """History of one request/session: tokens, gists per level, optional persistent store.
+
+    With ``gist_fn=None`` (and ``embed_dim=0``) the tree tracks structure only: which gists
+    exist, not their vectors. vLLM's scheduler process uses that; vectors live in the worker.
+    """
 
     def __init__(
         self,
         *,
         embed_dim: int,
-        embed_fn: EmbedFn,
-        gist_fn: GistFn,
+        embed_fn: EmbedFn | None,
+        gist_fn: GistFn | None,
         gist_levels: int = 2,
         store: HistoryStore | None = None,
         dtype: np.dtype | str = np.float32,
@@ -161,6 +165,8 @@ class MegaContextTree:
 
     def embed(self, ids: np.ndarray) -> torch.Tensor:
         """Input embeddings of token ids [n] -> [n, D] (float32)."""
+        if self._embed_fn is None:
+            raise RuntimeError("structure-only tree: no embedding function")
         with torch.no_grad():
             return self._embed_fn(torch.from_numpy(np.asarray(ids, dtype=np.int64))).float()
 
@@ -205,10 +211,13 @@ class MegaContextTree:
         blocks = self._blocks.view()
         for b0 in range(first_block, self.num_blocks, _GIST_BATCH):
             b1 = min(b0 + _GIST_BATCH, self.num_blocks)
-            ids = torch.from_numpy(blocks[b0 * K : b1 * K].astype(np.int64))
-            with torch.no_grad():
-                emb = self._embed_fn(ids).reshape(b1 - b0, K, -1).float()
-                g = self._gist_fn(emb)
+            if self._gist_fn is None or self._embed_fn is None:
+                g = torch.zeros(b1 - b0, self.embed_dim)
+            else:
+                ids = torch.from_numpy(blocks[b0 * K : b1 * K].astype(np.int64))
+                with torch.no_grad():
+                    emb = self._embed_fn(ids).reshape(b1 - b0, K, -1).float()
+                    g = self._gist_fn(emb)
             self._add_gists(1, g)
             new += [(1, b) for b in range(b0, b1)]
         for level in range(2, self.gist_levels + 1):
@@ -218,9 +227,12 @@ class MegaContextTree:
             lower = self._gists[level - 1].view()
             for i0 in range(have, can, _GIST_BATCH):
                 i1 = min(i0 + _GIST_BATCH, can)
-                x = torch.from_numpy(np.array(lower[i0 * K : i1 * K], dtype=np.float32))
-                with torch.no_grad():
-                    g = self._gist_fn(x.reshape(i1 - i0, K, -1))
+                if self._gist_fn is None:
+                    g = torch.zeros(i1 - i0, self.embed_dim)
+                else:
+                    x = torch.from_numpy(np.array(lower[i0 * K : i1 * K], dtype=np.float32))
+                    with torch.no_grad():
+                        g = self._gist_fn(x.reshape(i1 - i0, K, -1))
                 self._add_gists(level, g)
                 new += [(level, i) for i in range(i0, i1)]
         return new

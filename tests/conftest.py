@@ -24,3 +24,22 @@ def tiny_model_dir() -> Path:
     from mc_vllm.tiny_model import make_tiny_model
 
     return Path(make_tiny_model(ROOT / "models" / "tiny-llama"))
+
+
+# vLLM integration tests share one in-process engine (engine start costs ~30 s here).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler inspectable
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+@pytest.fixture(scope="session")
+def mc_llm(tiny_model_dir):
+    from mc_vllm.llm import MegaContextLLM
+
+    from .vllm_support import RETAINED_CAP, W_MAX
+
+    llm = MegaContextLLM(
+        str(tiny_model_dir),
+        megacontext={"w_max": W_MAX, "retained_cap": RETAINED_CAP, "debug_invariants": True},
+        dtype="float32", enforce_eager=True, max_num_seqs=16, max_model_len=W_MAX + 128,
+    )
+    yield llm

@@ -161,6 +161,27 @@ class FocusAllocator:
         return self.plan(wc, scores, tree, headroom=need, max_actions=0)
 
 
+def coarsest_cost(history_len: int, gist_levels: int = 2) -> int:
+    """Cost of showing a whole history at the coarsest level (the open block raw)."""
+    cost, rest = 0, history_len
+    for level in range(gist_levels, 0, -1):
+        span = span_tokens(level)
+        cost += rest // span
+        rest %= span
+    return cost + (K if rest else 0)
+
+
+def check_capacity(history_len: int, w_max: int, gist_levels: int = 2, headroom: int = K) -> None:
+    """Raise :class:`CapacityError` if no working context of W_max can show the history."""
+    need = coarsest_cost(history_len, gist_levels) + headroom
+    if need > w_max:
+        raise CapacityError(
+            f"history of {history_len} tokens needs {need} token-equivalents even at the "
+            f"coarsest level (with {headroom} headroom) > W_max={w_max}; "
+            "raise W_max or gist_levels"
+        )
+
+
 def cold_start(tree: _TreeLike, w_max: int, *, headroom: int = K, top_level: int = 2) -> WorkingContext:
     """Assemble a working context for a whole history: recent blocks at LOD0, older at LOD1,
     oldest at the top level. A history that fits in W_max is shown fully raw."""
@@ -181,12 +202,8 @@ def cold_start(tree: _TreeLike, w_max: int, *, headroom: int = K, top_level: int
     entries += [(0, b) for b in range(cursor // K, n_entries)]
     wc = WorkingContext(entries, n, w_max)
     budget = w_max - headroom
+    check_capacity(n, w_max, top_level, headroom)
     cost = wc.cost
-    if cost > budget:
-        raise CapacityError(
-            f"history of {n} tokens needs {cost} token-equivalents at the coarsest level "
-            f"(+{headroom} headroom) > W_max={w_max}; raise W_max or gist_levels"
-        )
     # Refine newest first: expand the newest non-raw entry while the budget allows.
     i = len(wc.entries) - 1
     while i >= 0:

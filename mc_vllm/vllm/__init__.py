@@ -1,0 +1,1 @@
+"""The only code that touches vLLM: plugin entry point, scheduler, KV layout, worker hooks."""

@@ -1,0 +1,308 @@
+"""MCScheduler: vLLM's scheduler plus MegaContext requests (``--scheduler-cls``).
+
+Plain requests are scheduled by vLLM untouched. A MegaContext request is a normal vLLM
+request whose token list is kept equal to the *mirror* of its KV layout (the contents of
+its slots in block-table order, then the slots still to compute), so vLLM's own chunked
+prefill, allocation, preemption and freeing apply to it. Around vLLM's ``schedule()`` we
+feed ingest chunks, seal blocks and apply refocus edits; around ``update_from_output()``
+we record sampled tokens in the history and run the Focus Allocator on LensNet's scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..core.allocator import FocusAllocator
+from ..core.config import BLOCK_SIZE, MCConfig
+from ..core.tree import MegaContextTree
+from ..core.working_context import Action, WorkingContext, check_invariants
+from .compat import patches
+from .layout import Edit, KVLayout, absolute_position, token_slot
+from .options import PROMPT_KEY, EngineOptions, request_options
+from .records import MCRequestPlan, MCResults, MCStep
+
+K = BLOCK_SIZE
+log = logging.getLogger(__name__)
+Scheduler = patches().Scheduler
+
+
+@dataclass
+class MCStats:
+    refocuses: int = 0
+    expands: int = 0
+    collapses: int = 0
+    recomputed_blocks: int = 0
+    forced_collapses: int = 0
+    seals: int = 0
+    slot_copies: int = 0
+    max_pages_held: int = 0
+    # decode phase (after the first sampled token), for the no-hidden-recompute check:
+    decode_forward_tokens: int = 0  # slots the worker's model forward processed
+    decode_tokens_fed: int = 0  # generated tokens fed back
+    decode_gists: int = 0  # gist slots computed
+    decode_recomputed_blocks: int = 0
+
+
+@dataclass
+class MCRequest:
+    """Scheduler-side MegaContext state of one request."""
+
+    cfg: MCConfig
+    prompt: np.ndarray
+    tree: MegaContextTree
+    alloc: FocusAllocator
+    layout: KVLayout
+    wc: WorkingContext
+    fed: int = 0  # prompt tokens appended to the history so far
+    outputs_seen: int = 0
+    history_delta: list[int] = field(default_factory=list)  # not yet sent to the worker
+    table_dirty: bool = False
+    mirror_dirty: bool = True
+    queued: list[Action] = field(default_factory=list)  # external edits (tests, pins)
+    last_plan_decode: bool = False
+    stats: MCStats = field(default_factory=MCStats)
+
+    @property
+    def ingesting(self) -> bool:
+        return self.fed < len(self.prompt)
+
+    def block_tokens(self, b: int) -> list[int]:
+        return self.tree.block_tokens(b).tolist()
+
+
+def recency_scores(wc: WorkingContext) -> list[float]:
+    """Ingest scoring without a round trip to the worker: older entries collapse first."""
+    n = len(wc.entries)
+    return [-1.0 + i / max(n, 1) for i in range(n)]
+
+
+class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mc_options = EngineOptions.from_additional_config(
+            self.vllm_config.additional_config
+        )
+        self.mc: dict[str, MCRequest] = {}
+        self._mc_copies: list[tuple[int, int]] = []
+        self._mc_new_configs: dict[str, dict] = {}
+        self._mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
+        self._pool = self.kv_cache_manager.block_pool
+
+    # ---- admission ---------------------------------------------------------------------
+
+    def add_request(self, request: Any) -> None:
+        sp = request.sampling_params
+        extra = getattr(sp, "extra_args", None) if sp is not None else None
+        cfg = request_options(extra, self.mc_options.defaults) if extra else None
+        if cfg is None:
+            return super().add_request(request)
+        if cfg.position_mode != "absolute":
+            raise ValueError("the vLLM runtime supports position_mode='absolute' only (so far)")
+        prompt = np.asarray(extra.pop(PROMPT_KEY, None) or request.prompt_token_ids, dtype=np.int64)
+        st = MCRequest(
+            cfg=cfg,
+            prompt=prompt,
+            tree=MegaContextTree(embed_dim=0, embed_fn=None, gist_fn=None, gist_levels=cfg.gist_levels),
+            alloc=FocusAllocator(cfg),
+            layout=KVLayout(self.mc_options.retained_cap),
+            wc=WorkingContext([], 0, cfg.w_max),
+        )
+        self.mc[request.request_id] = st
+        self._mc_new_configs[request.request_id] = cfg.to_dict()
+        self._feed(request, st)
+        super().add_request(request)
+
+    # ---- vLLM state sync ---------------------------------------------------------------
+
+    def _sync_request(self, request: Any, st: MCRequest) -> None:
+        """Make vLLM's view (token list, computed count, block table) match the layout."""
+        if not st.mirror_dirty:
+            return  # vLLM's own appends kept it in step
+        st.mirror_dirty = False
+        request._all_token_ids[:] = st.layout.mirror(st.block_tokens)
+        request.num_computed_tokens = st.layout.num_computed
+        if st.layout.num_computed or st.layout.tail_pages or st.layout.lod0:
+            self._mgr.req_to_blocks[request.request_id] = [
+                self._pool.blocks[p] for p in st.layout.table()
+            ]
+
+    def _apply_edit(self, st: MCRequest, edit: Edit) -> None:
+        self._mc_copies += edit.copies
+        st.mirror_dirty = True
+        st.stats.slot_copies += len(edit.copies)
+        if edit.freed:
+            self._pool.free_blocks([self._pool.blocks[p] for p in edit.freed])
+        st.table_dirty |= edit.table_changed
+
+    def _fresh_page(self) -> int:
+        return self._pool.get_new_blocks(1)[0].block_id
+
+    def _apply_actions(self, st: MCRequest, actions: list[Action]) -> None:
+        for a in actions:
+            st.wc.apply(a)
+            level = a.node[0]
+            if a.op == "collapse" and level == 1:
+                edit = st.layout.collapse_block(a.node[1])
+            elif a.op == "expand" and level == 1:
+                edit, recomputed = st.layout.expand_block(a.node[1], st.block_tokens(a.node[1]))
+                st.stats.recomputed_blocks += recomputed
+                if st.outputs_seen:
+                    st.stats.decode_recomputed_blocks += recomputed
+            else:
+                old, new = (a.removed, a.added)
+                edit = st.layout.replace_gists(old, new)
+            self._apply_edit(st, edit)
+            st.stats.expands += a.op == "expand"
+            st.stats.collapses += a.op == "collapse"
+        if st.cfg.debug_invariants:
+            check_invariants(st.wc, top_level=st.cfg.top_level)
+
+    def _seal_ready_blocks(self, st: MCRequest) -> None:
+        for b in st.layout.sealable_blocks():
+            if self._pool.get_num_free_blocks() < 1:
+                return  # no page to seal into this step; the tail keeps the tokens
+            self._apply_edit(st, st.layout.seal(b, self._fresh_page))
+            st.stats.seals += 1
+
+    def _feed(self, request: Any, st: MCRequest) -> None:
+        """Ingest: make room, then append the next prompt chunk to history and pending."""
+        if not st.ingesting or st.layout.pending:
+            return
+        chunk = min(len(st.prompt) - st.fed, self.mc_options.max_chunk, st.cfg.w_max // 2)
+        need = -(-(st.tree.num_tokens % K + chunk) // K) * K - (K if st.tree.num_tokens % K else 0)
+        if st.wc.free < need:
+            actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, need)
+            st.stats.forced_collapses += len(actions)
+            self._apply_actions(st, actions)
+        toks = st.prompt[st.fed : st.fed + chunk]
+        start = st.tree.num_tokens
+        st.tree.append(toks)
+        st.wc.grow(st.tree.num_tokens)
+        st.fed += chunk
+        st.history_delta += toks.tolist()
+        st.mirror_dirty = True
+        st.layout.pending += [token_slot(start + i, int(t)) for i, t in enumerate(toks)]
+
+    # ---- schedule ----------------------------------------------------------------------
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        for rid, st in self.mc.items():
+            request = self.requests.get(rid)
+            if request is None or request.num_computed_tokens != st.layout.num_computed:
+                continue  # preempted / waiting: vLLM recomputes the mirror first
+            self._seal_ready_blocks(st)
+            if st.queued:
+                self._apply_actions(st, st.queued)
+                st.queued = []
+            self._feed(request, st)
+            self._sync_request(request, st)
+        out = super().schedule(*args, **kwargs)
+        step = MCStep(copies=self._mc_copies, configs=self._mc_new_configs)
+        self._mc_copies, self._mc_new_configs = [], {}
+        cached = out.scheduled_cached_reqs
+        for rid, n in out.num_scheduled_tokens.items():
+            st = self.mc.get(rid)
+            if st is None:
+                continue
+            lay = st.layout
+            table = [b.block_id for b in self._mgr.req_to_blocks[rid]]
+            lay.tail_pages = table[len(lay.lod0) :]
+            step.plans[rid] = self._plan(st, n)
+            lay.computed(n)
+            if st.table_dirty and rid in cached.req_ids:
+                i = cached.req_ids.index(rid)
+                cached.resumed_req_ids.add(rid)
+                cached.new_block_ids[i] = (table,)
+            st.table_dirty = False
+            st.stats.max_pages_held = max(st.stats.max_pages_held, lay.pages_held())
+        out.mc_step = step
+        return out
+
+    def _plan(self, st: MCRequest, n: int) -> MCRequestPlan:
+        contents = st.layout.pending[:n]
+        last_in_pending = n == len(st.layout.pending)
+        sample = last_in_pending and not st.ingesting
+        last = contents[-1]
+        ends_block = last[0] == 0 and (last[1] + 1) % K == 0 and last[1] + 1 == st.tree.num_tokens
+        plan = MCRequestPlan(
+            tokens=[c[2] if c[0] == 0 else -1 for c in contents],
+            gists=[None if c[0] == 0 else (c[0], c[1]) for c in contents],
+            positions=[absolute_position(c) for c in contents],
+            sample=sample,
+            history=st.history_delta,
+            score=list(st.wc.entries) if sample and ends_block else None,
+        )
+        st.history_delta = []
+        st.last_plan_decode = st.outputs_seen > 0
+        if st.last_plan_decode:
+            st.stats.decode_tokens_fed += sum(c[0] == 0 for c in contents)
+            st.stats.decode_gists += sum(c[0] > 0 for c in contents)
+        return plan
+
+    # ---- outputs -----------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
+        out = super().update_from_output(scheduler_output, model_runner_output)
+        results: MCResults | None = getattr(model_runner_output, "mc_results", None)
+        scores = results.scores if results is not None else {}
+        for rid in scheduler_output.num_scheduled_tokens:
+            st = self.mc.get(rid)
+            request = self.requests.get(rid)
+            if st is None or request is None or request.is_finished():
+                continue
+            if results is not None and st.last_plan_decode:
+                st.stats.decode_forward_tokens += results.forward_tokens.get(rid, 0)
+            if rid in scores and len(scores[rid]) == len(st.wc.entries):
+                self._refocus(st, scores[rid])
+            new = request.output_token_ids[st.outputs_seen :]
+            st.outputs_seen += len(new)
+            for tok in new:
+                self._append_generated(st, int(tok))
+            self._sync_request(request, st)
+        return out
+
+    def _refocus(self, st: MCRequest, scores: list[float]) -> None:
+        actions = st.alloc.plan(st.wc, scores, st.tree, headroom=K)
+        st.stats.refocuses += 1
+        self._apply_actions(st, actions)
+
+    def _append_generated(self, st: MCRequest, tok: int) -> None:
+        hist = st.tree.num_tokens
+        if hist % K == 0 and st.wc.free < K:  # a block opens with no room: forced collapse
+            actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, K)
+            st.stats.forced_collapses += len(actions)
+            self._apply_actions(st, actions)
+        st.tree.append([tok])
+        st.wc.grow(st.tree.num_tokens)
+        st.history_delta.append(tok)
+        st.layout.pending.append(token_slot(hist, tok))
+
+    # ---- preemption / finish -----------------------------------------------------------
+
+    def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        super()._preempt_request(request, *args, **kwargs)
+        st = self.mc.get(request.request_id)
+        if st is not None:
+            freed = st.layout.reset_after_preemption(st.block_tokens)
+            self._pool.free_blocks([self._pool.blocks[p] for p in freed])
+            st.table_dirty = False
+            st.mirror_dirty = True
+
+    def _free_blocks(self, request: Any) -> None:
+        super()._free_blocks(request)
+        st = self.mc.pop(request.request_id, None)
+        if st is not None:
+            freed = st.layout.release_all()
+            self._pool.free_blocks([self._pool.blocks[p] for p in freed])
+
+    def queue_actions(self, request_id: str, actions: list[Action]) -> None:
+        """Edits to apply before the request's next step (validated like the allocator's)."""
+        self.mc[request_id].queued += actions
+
+    def mc_stats(self, request_id: str) -> MCStats | None:
+        st = self.mc.get(request_id)
+        return st.stats if st is not None else None

@@ -1,0 +1,129 @@
+"""Worker-side MegaContext: history mirrors with gist vectors, input injection, LensNet,
+slot copies on the KV tensors. Called from the version-pinned hooks in ``patches/``; holds
+no vLLM import itself, only tensors the runner hands over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.config import MCConfig
+from ..core.gistnet import MeanPoolGist, load_gistnet
+from ..core.lensnet import HeuristicScorer, Scorer, load_lensnet
+from ..core.tree import MegaContextTree
+from ..core.working_context import WorkingContext
+from .options import EngineOptions
+from .records import MCRequestPlan, MCResults, MCStep
+
+
+def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], block_size: int) -> None:
+    """Copy whole KV slots (every layer, K and V), in order.
+
+    CPU attention layout per layer: [num_blocks, kv_heads, block_size, 2 * head_dim], keys in
+    the first ``block_size`` rows of the [kv_heads, 2 * block_size, head_dim] view, values
+    after. FlashAttention layout: [2, num_blocks, block_size, kv_heads, head_dim].
+    """
+    if not copies:
+        return
+    src = torch.tensor([s for s, _ in copies])
+    dst = torch.tensor([d for _, d in copies])
+    for kv in kv_caches:
+        if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
+            for (s, d) in copies:
+                kv[:, d // block_size, d % block_size] = kv[:, s // block_size, s % block_size]
+            continue
+        nb, h, bs, _ = kv.shape
+        v = kv.view(nb, h, 2 * bs, -1)
+        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
+            sb, so, db, do = s // bs, s % bs, d // bs, d % bs
+            v[db, :, do] = v[sb, :, so]
+            v[db, :, bs + do] = v[sb, :, bs + so]
+
+
+class MCWorker:
+    """Per-runner MegaContext state. One instance per model runner (per rank)."""
+
+    def __init__(
+        self,
+        additional_config: dict[str, Any] | None,
+        embed_fn: Callable[[torch.Tensor], torch.Tensor],
+        embed_dim: int,
+        device: torch.device,
+    ) -> None:
+        opts = EngineOptions.from_additional_config(additional_config)
+        self.embed_fn = embed_fn
+        self.embed_dim = embed_dim
+        self.device = device
+        gist: torch.nn.Module = (
+            load_gistnet(opts.gistnet, embed_dim=embed_dim) if opts.gistnet else MeanPoolGist(embed_dim)
+        )
+        self.gist_fn = gist.to(device).eval()
+        self.scorer: Scorer = (
+            load_lensnet(opts.lensnet, embed_dim=embed_dim).to(device) if opts.lensnet
+            else HeuristicScorer()
+        )
+        self.trees: dict[str, MegaContextTree] = {}
+        self.cfgs: dict[str, MCConfig] = {}
+        self.step: MCStep | None = None
+        self.results = MCResults()
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_fn(ids.to(self.device))
+
+    def begin_step(
+        self, step: MCStep | None, finished: set[str], kv_caches: list[torch.Tensor], block_size: int
+    ) -> None:
+        """Before the forward: forget finished requests, copy slots, extend histories."""
+        t0 = time.perf_counter()
+        for rid in finished:
+            self.trees.pop(rid, None)
+            self.cfgs.pop(rid, None)
+        self.step = step
+        self.results = MCResults()
+        if step is None:
+            return
+        for rid, raw in step.configs.items():
+            cfg = MCConfig.from_dict(raw)
+            self.cfgs[rid] = cfg
+            self.trees[rid] = MegaContextTree(
+                embed_dim=self.embed_dim, embed_fn=self._embed, gist_fn=self.gist_fn,
+                gist_levels=cfg.gist_levels,
+            )
+        with torch.no_grad():
+            copy_slots(kv_caches, step.copies, block_size)
+            for rid, plan in step.plans.items():
+                if plan.history:
+                    self.trees[rid].append(plan.history)
+        self.results.aux_seconds += time.perf_counter() - t0
+
+    def plan_inputs(self, plan: MCRequestPlan, rid: str, dtype: torch.dtype) -> torch.Tensor:
+        """Input embeddings of one request's scheduled slots: tokens and gists."""
+        tree = self.trees[rid]
+        ids = torch.tensor([max(t, 0) for t in plan.tokens], device=self.device)
+        emb = self._embed(ids).to(dtype)
+        for i, node in enumerate(plan.gists):
+            if node is not None:
+                emb[i] = tree.gist(node).to(self.device, dtype)
+        return emb
+
+    def end_step(self) -> MCResults:
+        """After the forward: LensNet scores where the scheduler asked for them."""
+        t0 = time.perf_counter()
+        res = self.results
+        if self.step is not None:
+            for rid, plan in self.step.plans.items():
+                if plan.score is not None:
+                    tree = self.trees[rid]
+                    wc = WorkingContext(plan.score, tree.num_tokens, self.cfgs[rid].w_max)
+                    res.scores[rid] = self.scorer.score(wc, tree)
+        res.aux_seconds += time.perf_counter() - t0
+        return res
+
+
+def model_name(path: str) -> str:
+    return Path(path).name

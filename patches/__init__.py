@@ -1,0 +1,1 @@
+"""Version-pinned hooks into vLLM internals (installed as ``mc_vllm_patches``)."""

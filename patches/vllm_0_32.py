@@ -1,0 +1,130 @@
+"""Hooks into vLLM 0.32.x. Each wrapper is small and named after the method it wraps.
+
+Installed once per process by the plugin entry point; every hook is a pass-through for
+steps without MegaContext work, so plain requests run exactly as in vanilla vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401 - MCScheduler's base
+from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from mc_vllm.vllm.worker import MCWorker
+
+_installed = False
+
+
+def _mc_worker(runner: GPUModelRunner) -> MCWorker:
+    w = getattr(runner, "_mc_worker", None)
+    if w is None:
+        model = runner.get_model()
+        w = MCWorker(
+            runner.vllm_config.additional_config,
+            embed_fn=model.embed_input_ids,
+            embed_dim=runner.model_config.get_hidden_size(),
+            device=runner.device,
+        )
+        runner._mc_worker = w
+    return w
+
+
+def wrap_execute_model(orig: Any) -> Any:
+    """Before vLLM touches the KV cache (zeroing fresh blocks, block copies): our slot copies,
+    new requests' options, history appends (GistNet)."""
+
+    @functools.wraps(orig)
+    def execute_model(self: GPUModelRunner, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        step = getattr(scheduler_output, "mc_step", None)
+        if step is not None or getattr(self, "_mc_worker", None) is not None:
+            _mc_worker(self).begin_step(
+                step, set(scheduler_output.finished_req_ids), self.kv_caches,
+                self.cache_config.block_size,
+            )
+        return orig(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def wrap_prepare_inputs(orig: Any) -> Any:
+    """Ingest chunks must not sample; decode steps must, whatever vLLM's length view says."""
+
+    @functools.wraps(orig)
+    def _prepare_inputs(self: GPUModelRunner, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, *args, **kwargs)
+        w = getattr(self, "_mc_worker", None)
+        if w is not None and w.step is not None and w.step.plans:
+            mask = self.discard_request_mask
+            for rid, plan in w.step.plans.items():
+                mask.np[self.input_batch.req_id_to_index[rid]] = not plan.sample
+            mask.copy_to_gpu(self.input_batch.num_reqs)
+        return out
+
+    return _prepare_inputs
+
+
+def wrap_model_forward(orig: Any) -> Any:
+    """Per-slot RoPE positions and injected input embeddings (tokens and gists)."""
+
+    @functools.wraps(orig)
+    def _model_forward(
+        self: GPUModelRunner,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        intermediate_tensors: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        w = getattr(self, "_mc_worker", None)
+        if w is not None and w.step is not None and w.step.plans and positions is not None:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_model().embed_input_ids(input_ids)
+            starts = self.query_start_loc.np
+            for rid, plan in w.step.plans.items():
+                i = self.input_batch.req_id_to_index[rid]
+                s, n = int(starts[i]), int(starts[i + 1] - starts[i])
+                if n != len(plan.tokens):
+                    raise RuntimeError(f"{rid}: {n} tokens scheduled, plan has {len(plan.tokens)}")
+                w.results.forward_tokens[rid] = n
+                positions[s : s + n] = torch.tensor(plan.positions, device=positions.device)
+                inputs_embeds[s : s + n] = w.plan_inputs(plan, rid, inputs_embeds.dtype)
+            input_ids = None
+        return orig(
+            self, input_ids=input_ids, positions=positions,
+            intermediate_tensors=intermediate_tensors, inputs_embeds=inputs_embeds, **kwargs,
+        )
+
+    return _model_forward
+
+
+def wrap_sample_tokens(orig: Any) -> Any:
+    """After the step: LensNet scores and counters ride back on the ModelRunnerOutput."""
+
+    @functools.wraps(orig)
+    def sample_tokens(self: GPUModelRunner, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, *args, **kwargs)
+        w = getattr(self, "_mc_worker", None)
+        if w is not None and w.step is not None and isinstance(out, ModelRunnerOutput):
+            out.mc_results = w.end_step()
+        return out
+
+    return sample_tokens
+
+
+def install() -> None:
+    """Patch the model runner class (the CPU runner subclasses it, so both are covered)."""
+    global _installed
+    if _installed:
+        return
+    for name, wrap in (
+        ("execute_model", wrap_execute_model),
+        ("_prepare_inputs", wrap_prepare_inputs),
+        ("_model_forward", wrap_model_forward),
+        ("sample_tokens", wrap_sample_tokens),
+    ):
+        setattr(GPUModelRunner, name, wrap(getattr(GPUModelRunner, name)))
+    _installed = True

@@ -1,0 +1,237 @@
+"""MegaContext inside vLLM (CPU, tiny model, float32): the issue-3 acceptance checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from vllm import SamplingParams
+
+from mc_vllm.core.working_context import Action, check_invariants
+
+from .vllm_support import (
+    RETAINED_CAP,
+    W_MAX,
+    pages_of,
+    prompts,
+    runner,
+    scheduler_id,
+    vanilla_outputs,
+)
+
+pytestmark = pytest.mark.slow
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def mc_params(max_tokens: int, **opts) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, extra_args={"mc": 1, **opts}, **GREEDY)
+
+
+def run_steps(llm, on_step=None, limit=10_000):
+    outs = {}
+    for _ in range(limit):
+        if not llm.has_unfinished_requests():
+            return outs
+        for o in llm.step():
+            if o.finished:
+                outs[o.request_id] = list(o.outputs[0].token_ids)
+        if on_step is not None:
+            on_step()
+    raise AssertionError("requests did not finish")
+
+
+@pytest.fixture(scope="module")
+def vanilla(tiny_model_dir, tmp_path_factory):
+    """Vanilla vLLM (plugin not loaded) on the prompts the comparisons use."""
+    ps = prompts((100, 333, 600, 850), seed=1)
+    return ps, vanilla_outputs(tiny_model_dir, ps, 48, tmp_path_factory.mktemp("vanilla"))
+
+
+def test_fits_in_w_max_equals_vanilla_batch_of_4(mc_llm, vanilla):
+    ps, want = vanilla
+    outs = mc_llm.generate([{"prompt_token_ids": p} for p in ps], mc_params(48), use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert [o.prompt_token_ids for o in outs] == ps  # the user sees the whole prompt
+
+
+def test_mixed_batch_plain_requests_equal_vanilla(mc_llm, vanilla):
+    ps, want = vanilla
+    long_mc = prompts((3000, 4500), seed=2)
+    reqs = [{"prompt_token_ids": p} for p in ps + long_mc]
+    sps = [SamplingParams(max_tokens=48, **GREEDY)] * 4 + [mc_params(48, mc_w_max=512)] * 2
+    outs = mc_llm.generate(reqs, sps, use_tqdm=False)
+    assert [list(o.outputs[0].token_ids) for o in outs[:4]] == want
+    assert all(len(o.outputs[0].token_ids) == 48 for o in outs[4:])
+
+
+def test_long_prompt_bounded_pages_and_invariants(mc_llm):
+    """16 x W_max prompt; pool-measured pages and invariants checked after every step."""
+    w = 512
+    (p,) = prompts((16 * w,), seed=3)
+    sched = mc_llm.scheduler()
+    free0 = sched._pool.get_num_free_blocks()
+    mc_llm.add_request("long", {"prompt_token_ids": p}, mc_params(64, mc_w_max=w))
+    rid = None
+    bound = math.ceil(w / 32) + 2 + RETAINED_CAP  # LOD0 pages + tail pages + retained tier
+    seen = {"steps": 0, "max_used": 0}
+
+    def check():
+        nonlocal rid
+        rid = rid or scheduler_id(sched, "long")
+        if rid not in sched.mc:
+            return
+        used = free0 - sched._pool.get_num_free_blocks()
+        assert used == len(pages_of(sched, rid)), "pool and layout disagree"
+        assert used <= bound, (used, bound)
+        st = sched.mc[rid]
+        check_invariants(st.wc, top_level=2)
+        seen["steps"] += 1
+        seen["max_used"] = max(seen["max_used"], used)
+
+    outs = run_steps(mc_llm, check)
+    assert len(outs["long"]) == 64
+    assert seen["steps"] > 16 and seen["max_used"] > 8
+    assert sched._pool.get_num_free_blocks() == free0
+
+
+def test_no_hidden_recompute_during_decode(mc_llm):
+    """Model tokens in decode = generated tokens fed + 1 per new gist + 32 per dropped expand."""
+    (p,) = prompts((6000,), seed=4)
+    sched = mc_llm.scheduler()
+    mc_llm.add_request("count", {"prompt_token_ids": p}, mc_params(96, mc_w_max=512))
+    state = {"rid": None, "stats": None, "forced": False}
+
+    def step():
+        rid = state["rid"] = state["rid"] or scheduler_id(sched, "count")
+        st = sched.mc.get(rid)
+        if st is None:
+            return
+        state["stats"] = st.stats
+        if not state["forced"] and st.outputs_seen >= 40:
+            # expand a gist whose page was dropped (retained tier is small): 32-token recompute
+            gist = next(e for e in reversed(st.wc.entries)
+                        if e[0] == 1 and e[1] not in st.layout.retained)
+            sched.queue_actions(rid, [Action("expand", gist)])
+            state["forced"] = True
+
+    outs = run_steps(mc_llm, step)
+    s = state["stats"]
+    assert len(outs["count"]) == 96 and state["forced"]
+    assert s.decode_recomputed_blocks >= 1 and s.decode_gists >= 1
+    fed = 96 - 1  # every generated token but the last is fed back
+    assert s.decode_forward_tokens == fed + s.decode_gists + 32 * s.decode_recomputed_blocks
+
+
+def test_concurrent_requests_are_isolated(mc_llm):
+    ps = prompts((1500, 1800, 2100, 2400, 2700, 3000, 2200, 1600), seed=5)
+    sched = mc_llm.scheduler()
+    free0 = sched._pool.get_num_free_blocks()
+    for i, p in enumerate(ps):
+        mc_llm.add_request(f"c{i}", {"prompt_token_ids": p}, mc_params(40, mc_w_max=512))
+
+    def disjoint():
+        owners = {}
+        for rid in sched.mc:
+            for page in pages_of(sched, rid):
+                assert page not in owners, f"page {page} in {rid} and {owners[page]}"
+                owners[page] = rid
+
+    together = run_steps(mc_llm, disjoint)
+    assert sched._pool.get_num_free_blocks() == free0
+    alone = {}
+    for i in (0, 5):
+        mc_llm.add_request(f"a{i}", {"prompt_token_ids": ps[i]}, mc_params(40, mc_w_max=512))
+        alone[i] = run_steps(mc_llm)[f"a{i}"]
+    assert together["c0"] == alone[0] and together["c5"] == alone[5]
+    assert together["c0"] != together["c5"]
+
+
+@pytest.mark.parametrize("phase", ["ingest", "decode"])
+def test_abort_returns_every_page(mc_llm, phase):
+    (p,) = prompts((5000,), seed=6)
+    sched = mc_llm.scheduler()
+    free0 = sched._pool.get_num_free_blocks()
+    mc_llm.add_request("ab", {"prompt_token_ids": p}, mc_params(200, mc_w_max=512))
+    rid = None
+    for _ in range(500):
+        mc_llm.step()
+        rid = rid or scheduler_id(sched, "ab")
+        st = sched.mc[rid]
+        if (phase == "ingest" and st.fed > 1500 and st.layout.retained) or (
+            phase == "decode" and st.outputs_seen > 10
+        ):
+            break
+    assert free0 - sched._pool.get_num_free_blocks() > 0
+    mc_llm.abort(["ab"])
+    run_steps(mc_llm)
+    mc_llm.step()  # the abort is processed on the next engine step
+    assert rid not in sched.mc
+    assert sched._pool.get_num_free_blocks() == free0
+
+
+def test_collapse_expand_round_trip(mc_llm):
+    """A same-step round trip leaves the continuation unchanged; a round trip spanning a
+    forward restores every slot bit for bit (retained tier, slot copies)."""
+    (p,) = prompts((700,), seed=7)
+    sched = mc_llm.scheduler()
+    plain = mc_llm.generate([{"prompt_token_ids": p}], mc_params(40), use_tqdm=False)
+    want = list(plain[0].outputs[0].token_ids)
+
+    # 1. collapse + expand before any forward sees the gists
+    mc_llm.add_request("rt", {"prompt_token_ids": p}, mc_params(40))
+    done = {"x": False}
+
+    def round_trip():
+        rid = scheduler_id(sched, "rt") if "rt" in str(list(sched.requests)) else None
+        st = sched.mc.get(rid) if rid else None
+        if st is not None and st.outputs_seen == 10 and not done["x"]:
+            acts = [Action("collapse", (1, 3)), Action("collapse", (1, 4))]
+            sched.queue_actions(rid, acts + [Action("expand", (1, 3)), Action("expand", (1, 4))])
+            done["x"] = True
+
+    got = run_steps(mc_llm, round_trip)
+    assert done["x"] and got["rt"] == want
+
+    # 2. collapse, one forward computes the gists, expand: KV slots restored exactly
+    mc_llm.add_request("rt2", {"prompt_token_ids": p}, mc_params(40))
+    kv = runner(mc_llm).kv_caches
+    snap: dict = {}
+    phase = {"n": 0}
+
+    def slot_kv(page: int, j: int):
+        return [c.view(c.shape[0], c.shape[1], 2 * c.shape[2], -1)[page, :, [j, 32 + j]].clone()
+                for c in kv]
+
+    def step():
+        rid = next((r for r in sched.mc if r.startswith("rt2")), None)
+        st = sched.mc.get(rid) if rid else None
+        if st is None:
+            return
+        if st.outputs_seen == 10 and phase["n"] == 0:
+            for b, page in st.layout.lod0:
+                snap[b] = (page, [slot_kv(page, j) for j in range(32)])
+            sched.queue_actions(rid, [Action("collapse", (1, 3)), Action("collapse", (1, 4))])
+            phase["n"] = 1
+        elif phase["n"] == 1 and st.outputs_seen == 12:
+            assert {3, 4} <= set(st.layout.retained)
+            sched.queue_actions(rid, [Action("expand", (1, 3)), Action("expand", (1, 4))])
+            phase["n"] = 2
+        elif phase["n"] == 2:
+            pages = dict(st.layout.lod0)
+            for b, (page, before) in snap.items():
+                assert pages[b] == page
+                after = [slot_kv(page, j) for j in range(32)]
+                for x, y in zip(before, after, strict=True):
+                    assert all(torch_equal(u, v) for u, v in zip(x, y, strict=True)), b
+            assert not any(c[0] > 0 for c in st.layout.tail)  # the gist slots are gone
+            phase["n"] = 3
+
+    run_steps(mc_llm, step)
+    assert phase["n"] == 3
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -11,7 +11,6 @@ from mc_vllm.core.working_context import Action, check_invariants
 
 from .vllm_support import (
     RETAINED_CAP,
-    W_MAX,
     pages_of,
     prompts,
     runner,
@@ -112,7 +111,8 @@ def test_no_hidden_recompute_during_decode(mc_llm):
             # expand a gist whose page was dropped (retained tier is small): 32-token recompute
             gist = next(e for e in reversed(st.wc.entries)
                         if e[0] == 1 and e[1] not in st.layout.retained)
-            sched.queue_actions(rid, [Action("expand", gist)])
+            raw = next(e for e in st.wc.entries if e[0] == 0)  # funds the expansion
+            sched.queue_actions(rid, [Action("collapse", (1, raw[1])), Action("expand", gist)])
             state["forced"] = True
 
     outs = run_steps(mc_llm, step)
@@ -235,3 +235,42 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_slot_copy_matches_the_cpu_kv_layout(mc_llm, tiny_model_dir):
+    """The worker's slot copies move exactly one token's K and V: checked against K/V
+    recomputed from the model weights (layer 0), on the engine's real cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from mc_vllm.vllm.worker import copy_slots
+
+    (p,) = prompts((64,), seed=8)
+    sched = mc_llm.scheduler()
+    mc_llm.add_request("kv", {"prompt_token_ids": p}, mc_params(4))
+    mc_llm.step()
+    mc_llm.step()  # blocks are sealed at the start of the step after they are computed
+    rid = scheduler_id(sched, "kv")
+    page = dict(sched.mc[rid].layout.lod0)[0]  # block 0, sealed in place
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    attn, c = hf.model.layers[0].self_attn, hf.config
+    hd = c.hidden_size // c.num_attention_heads
+    with torch.no_grad():
+        x = hf.model.layers[0].input_layernorm(hf.model.embed_tokens(torch.tensor([p[:32]])))
+        k = attn.k_proj(x).view(1, 32, -1, hd).transpose(1, 2)
+        v = attn.v_proj(x).view(1, 32, -1, hd).transpose(1, 2)[0]
+        cos, sin = hf.model.rotary_emb(x, torch.arange(32)[None])
+        k = apply_rotary_pos_emb(k, k, cos, sin)[1][0]  # [heads, tokens, hd]
+    kv = runner(mc_llm).kv_caches
+    free = sched._pool.get_new_blocks(1)[0]  # a scratch page nobody else uses
+    try:
+        copy_slots(kv, [(page * 32 + 5, free.block_id * 32 + 7)], 32)
+        blk = kv[0][free.block_id].reshape(k.shape[0], -1)
+        keys = blk[:, : 32 * hd].view(-1, hd, 32)
+        vals = blk[:, 32 * hd :].view(-1, 32, hd)
+        torch.testing.assert_close(keys[:, :, 7], k[:, 5], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(vals[:, 7], v[:, 5], atol=1e-4, rtol=1e-4)
+    finally:
+        sched._pool.free_blocks([free])
+    run_steps(mc_llm)

@@ -246,16 +246,19 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     # ---- outputs -----------------------------------------------------------------------
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        out = super().update_from_output(scheduler_output, model_runner_output)
         results: MCResults | None = getattr(model_runner_output, "mc_results", None)
         scores = results.scores if results is not None else {}
+        if results is not None:  # before vLLM may finish (and we forget) the request
+            for rid, n in results.forward_tokens.items():
+                st = self.mc.get(rid)
+                if st is not None and st.last_plan_decode:
+                    st.stats.decode_forward_tokens += n
+        out = super().update_from_output(scheduler_output, model_runner_output)
         for rid in scheduler_output.num_scheduled_tokens:
             st = self.mc.get(rid)
             request = self.requests.get(rid)
             if st is None or request is None or request.is_finished():
                 continue
-            if results is not None and st.last_plan_decode:
-                st.stats.decode_forward_tokens += results.forward_tokens.get(rid, 0)
             if rid in scores and len(scores[rid]) == len(st.wc.entries):
                 self._refocus(st, scores[rid])
             new = request.output_token_ids[st.outputs_seen :]
@@ -300,8 +303,14 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self._pool.free_blocks([self._pool.blocks[p] for p in freed])
 
     def queue_actions(self, request_id: str, actions: list[Action]) -> None:
-        """Edits to apply before the request's next step (validated like the allocator's)."""
-        self.mc[request_id].queued += actions
+        """Edits to apply before the request's next step; refused if they would break the
+        working context (budget, tiling) when applied after those already queued."""
+        st = self.mc[request_id]
+        trial = st.wc.copy()
+        for a in st.queued + actions:
+            trial.apply(a)
+        check_invariants(trial, top_level=st.cfg.top_level)
+        st.queued += actions
 
     def mc_stats(self, request_id: str) -> MCStats | None:
         st = self.mc.get(request_id)

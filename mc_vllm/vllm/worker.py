@@ -21,28 +21,45 @@ from .options import EngineOptions
 from .records import MCRequestPlan, MCResults, MCStep
 
 
-def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], block_size: int) -> None:
-    """Copy whole KV slots (every layer, K and V), in order.
+def _runs(copies: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split copies into runs that can be applied at once: within a run no copy reads a
+    slot that an earlier copy of the same run writes (order matters only across runs)."""
+    runs: list[list[tuple[int, int]]] = [[]]
+    written: set[int] = set()
+    for s, d in copies:
+        if s in written or d in written:
+            runs.append([])
+            written = set()
+        runs[-1].append((s, d))
+        written.add(d)
+    return [r for r in runs if r]
 
-    CPU attention layout per layer: [num_blocks, kv_heads, block_size, 2 * head_dim], keys in
-    the first ``block_size`` rows of the [kv_heads, 2 * block_size, head_dim] view, values
-    after. FlashAttention layout: [2, num_blocks, block_size, kv_heads, head_dim].
+
+def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], block_size: int) -> None:
+    """Copy whole KV slots (every layer, K and V), with the semantics of doing them in order.
+
+    CPU attention layout per layer: [num_blocks, kv_heads, block_size, 2 * head_dim] where
+    each (block, head) holds K transposed, [head_dim, block_size], then V, [block_size,
+    head_dim] (checked against the model's own K/V: tests/test_vllm.py). FlashAttention
+    layout: [2, num_blocks, block_size, kv_heads, head_dim].
     """
-    if not copies:
-        return
-    src = torch.tensor([s for s, _ in copies])
-    dst = torch.tensor([d for _, d in copies])
-    for kv in kv_caches:
-        if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
-            for (s, d) in copies:
-                kv[:, d // block_size, d % block_size] = kv[:, s // block_size, s % block_size]
-            continue
-        nb, h, bs, _ = kv.shape
-        v = kv.view(nb, h, 2 * bs, -1)
-        for s, d in zip(src.tolist(), dst.tolist(), strict=True):
-            sb, so, db, do = s // bs, s % bs, d // bs, d % bs
-            v[db, :, do] = v[sb, :, so]
-            v[db, :, bs + do] = v[sb, :, bs + so]
+    for run in _runs(copies):
+        sb = torch.tensor([s // block_size for s, _ in run])
+        so = torch.tensor([s % block_size for s, _ in run])
+        db = torch.tensor([d // block_size for _, d in run])
+        do = torch.tensor([d % block_size for _, d in run])
+        for kv in kv_caches:
+            if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
+                dev = kv.device
+                kv[:, db.to(dev), do.to(dev)] = kv[:, sb.to(dev), so.to(dev)]
+                continue
+            nb, h, bs, two_d = kv.shape
+            hd = two_d // 2
+            flat = kv.view(nb, h, 2 * bs * hd)
+            keys = flat[..., : bs * hd].view(nb, h, hd, bs)
+            vals = flat[..., bs * hd :].view(nb, h, bs, hd)
+            keys[db, :, :, do] = keys[sb, :, :, so]
+            vals[db, :, do] = vals[sb, :, so]
 
 
 class MCWorker:

@@ -14,7 +14,10 @@ DEFAULT_TINY_DIR = Path("models/tiny-llama")
 
 def _add_mc_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-max", type=int, default=1024, help="working-context budget (token-equivalents)")
-    p.add_argument("--position-mode", choices=["compact", "absolute"], default="compact")
+    p.add_argument("--position-mode", choices=["compact", "absolute"], default=None,
+                   help="default: absolute on vLLM, compact on the reference runtime")
+    p.add_argument("--backend", choices=["vllm", "reference"], default="vllm",
+                   help="vllm: KV page edits inside vLLM; reference: exact HF recompute oracle")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--gistnet", help="saved GistNet directory (default: mean-pool baseline)")
     p.add_argument("--lensnet", help="saved LensNet directory (default: heuristic scorer)")
@@ -33,7 +36,39 @@ def demo_text(max_chars: int = 120_000) -> str:
     return "\n\n".join(parts)[:max_chars]
 
 
+def _run_vllm(args: argparse.Namespace, text: str) -> int:
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import SamplingParams
+
+    from .llm import MegaContextLLM
+
+    mc = {"w_max": args.w_max, "position_mode": args.position_mode or "absolute",
+          "debug_invariants": args.debug_invariants}
+    if args.gistnet:
+        mc["gistnet"] = args.gistnet
+    if args.lensnet:
+        mc["lensnet"] = args.lensnet
+    llm = MegaContextLLM(args.model, megacontext=mc, dtype="float32", enforce_eager=True)
+    ids = llm.get_tokenizer().encode(text, add_special_tokens=False)
+    print(f"[mc-vllm] prompt: {len(ids)} tokens, W_max={args.w_max}, "
+          f"max_model_len={llm.max_model_len}, backend=vLLM (KV page edits)", flush=True)
+    t0 = time.perf_counter()
+    sp = SamplingParams(temperature=0, max_tokens=args.max_new_tokens)
+    (out,) = llm.generate([{"prompt_token_ids": ids}], sp, megacontext=True)
+    dt = time.perf_counter() - t0
+    print("[mc-vllm] continuation:")
+    print(out.outputs[0].text)
+    if out.mc_summary is not None:
+        print(f"[mc-vllm] stats: {out.mc_summary.summary()}")
+    print(f"[mc-vllm] {len(ids)} prompt + {len(out.outputs[0].token_ids)} new tokens in {dt:.1f}s")
+    return 0
+
+
 def _run_generate(args: argparse.Namespace, text: str) -> int:
+    if args.backend == "vllm":
+        return _run_vllm(args, text)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -46,7 +81,8 @@ def _run_generate(args: argparse.Namespace, text: str) -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     cfg = MCConfig(
-        w_max=args.w_max, position_mode=args.position_mode, debug_invariants=args.debug_invariants
+        w_max=args.w_max, position_mode=args.position_mode or "compact",
+        debug_invariants=args.debug_invariants,
     )
     dim = model.get_input_embeddings().weight.shape[1]
     base = Path(args.model).name

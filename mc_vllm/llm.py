@@ -24,9 +24,17 @@ def _is_mc(sp: Any) -> bool:
 
 
 class MegaContextLLM:
-    """``vllm.LLM`` with the MegaContext scheduler, hooks and engine settings."""
+    """``vllm.LLM`` with the MegaContext scheduler, hooks and engine settings.
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set)
+    so that ``generate`` can show ingest progress and attach MegaContext stats
+    (``output.mc_summary``) to each MegaContext output.
+    """
 
     def __init__(self, model: str, *, megacontext: dict[str, Any] | None = None, **kwargs: Any):
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
         self.options = EngineOptions.from_additional_config({"megacontext": megacontext or {}})
@@ -46,6 +54,7 @@ class MegaContextLLM:
             **kwargs,
         )
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._batch = 0
 
     def get_tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
@@ -130,10 +139,51 @@ class MegaContextLLM:
         vllm_prompts = [p for p, _, _ in prepared]
         vllm_sps = [sp for _, sp, _ in prepared]
         full_ids = [ids for _, _, ids in prepared]
-        outs = self.llm.generate(vllm_prompts, vllm_sps, use_tqdm=use_tqdm, **kwargs)
+        sched = self.scheduler()
+        if sched is None or kwargs:
+            outs = self.llm.generate(vllm_prompts, vllm_sps, use_tqdm=use_tqdm, **kwargs)
+        else:
+            outs = self._run(vllm_prompts, vllm_sps, full_ids, sched, use_tqdm)
         for o, ids in zip(outs, full_ids, strict=True):
             if ids is not None:
                 o.prompt_token_ids = ids
+        return outs
+
+    def _run(self, prompts: list[Any], sps: list[Any], full_ids: list[Any], sched: Any,
+             use_tqdm: bool) -> list[Any]:
+        """Step the engine ourselves: a token-level progress bar over ingest and decode,
+        and each MegaContext output gets its ``mc_summary``."""
+        from tqdm import tqdm
+
+        base = f"mc{id(self):x}-{self._batch}"
+        self._batch += 1
+        ids = [f"{base}-{i}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, sps, strict=True):
+            self.llm.llm_engine.add_request(rid, p, sp)
+        total = sum(len(f) for f in full_ids if f is not None) + sum(
+            (sp.max_tokens or 0) for sp in sps
+        )
+        bar = tqdm(total=total, unit="tok", desc="MegaContext", disable=not use_tqdm)
+        plen = {rid: len(f) if f is not None else 0 for rid, f in zip(ids, full_ids, strict=True)}
+        latest: dict[str, int] = {}
+        done: dict[str, Any] = {}
+        while len(done) < len(ids):
+            for o in self.step():
+                latest[o.request_id] = len(o.outputs[0].token_ids)
+                if o.finished:
+                    done[o.request_id] = o
+            ingested = {rid: st.fed for rid, st in sched.mc.items()}
+            bar.n = sum(latest.values()) + sum(
+                plen[r] if r in latest else next((v for k, v in ingested.items()
+                                                  if k.startswith(r)), 0)
+                for r in ids
+            )
+            bar.refresh()
+        bar.close()
+        outs = [done[rid] for rid in ids]
+        for o in outs:
+            key = next((k for k in sched.finished_summaries if k.startswith(o.request_id)), None)
+            o.mc_summary = sched.finished_summaries.pop(key) if key is not None else None
         return outs
 
     # ---- introspection (in-process engine core only: VLLM_ENABLE_V1_MULTIPROCESSING=0) ----

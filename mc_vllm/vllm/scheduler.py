@@ -11,6 +11,8 @@ we record sampled tokens in the history and run the Focus Allocator on LensNet's
 from __future__ import annotations
 
 import logging
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,10 @@ class MCStats:
     decode_tokens_fed: int = 0  # generated tokens fed back
     decode_gists: int = 0  # gist slots computed
     decode_recomputed_blocks: int = 0
+    # cost of the machinery in decode, seconds: scheduler side (allocator, layout edits,
+    # bookkeeping) and worker side (GistNet, LensNet, slot copies)
+    scheduler_seconds: float = 0.0
+    worker_aux_seconds: float = 0.0
 
 
 @dataclass
@@ -74,6 +80,27 @@ class MCRequest:
         return self.tree.block_tokens(b).tolist()
 
 
+@dataclass
+class MCSummary:
+    """What a user sees of one finished MegaContext request."""
+
+    history_len: int
+    wc_entries_by_level: dict[int, int]
+    wc_cost: int
+    w_max: int
+    stats: MCStats
+
+    def summary(self) -> str:
+        levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(self.wc_entries_by_level.items()))
+        s = self.stats
+        return (
+            f"history={self.history_len} tokens | working context {self.wc_cost}/{self.w_max} "
+            f"token-equivalents ({levels}) | refocuses={s.refocuses} expands={s.expands} "
+            f"collapses={s.collapses} (forced {s.forced_collapses}) | KV pages held <= "
+            f"{s.max_pages_held} | slot copies={s.slot_copies}"
+        )
+
+
 def recency_scores(wc: WorkingContext) -> list[float]:
     """Ingest scoring without a round trip to the worker: older entries collapse first."""
     n = len(wc.entries)
@@ -87,6 +114,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self.vllm_config.additional_config
         )
         self.mc: dict[str, MCRequest] = {}
+        self.finished_summaries: OrderedDict[str, MCSummary] = OrderedDict()  # bounded
         self._mc_copies: list[tuple[int, int]] = []
         self._mc_new_configs: dict[str, dict] = {}
         self._mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
@@ -194,12 +222,15 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             request = self.requests.get(rid)
             if request is None or request.num_computed_tokens != st.layout.num_computed:
                 continue  # preempted / waiting: vLLM recomputes the mirror first
+            t0 = time.perf_counter()
             self._seal_ready_blocks(st)
             if st.queued:
                 self._apply_actions(st, st.queued)
                 st.queued = []
             self._feed(request, st)
             self._sync_request(request, st)
+            if st.outputs_seen:
+                st.stats.scheduler_seconds += time.perf_counter() - t0
         out = super().schedule(*args, **kwargs)
         step = MCStep(copies=self._mc_copies, configs=self._mc_new_configs)
         self._mc_copies, self._mc_new_configs = [], {}
@@ -253,12 +284,15 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                 st = self.mc.get(rid)
                 if st is not None and st.last_plan_decode:
                     st.stats.decode_forward_tokens += n
+                    # the worker's aux time is per step; charge it to the requests it served
+                    st.stats.worker_aux_seconds += results.aux_seconds / len(results.forward_tokens)
         out = super().update_from_output(scheduler_output, model_runner_output)
         for rid in scheduler_output.num_scheduled_tokens:
             st = self.mc.get(rid)
             request = self.requests.get(rid)
             if st is None or request is None or request.is_finished():
                 continue
+            t0 = time.perf_counter()
             if rid in scores and len(scores[rid]) == len(st.wc.entries):
                 self._refocus(st, scores[rid])
             new = request.output_token_ids[st.outputs_seen :]
@@ -266,6 +300,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             for tok in new:
                 self._append_generated(st, int(tok))
             self._sync_request(request, st)
+            if st.outputs_seen > 1:
+                st.stats.scheduler_seconds += time.perf_counter() - t0
         return out
 
     def _refocus(self, st: MCRequest, scores: list[float]) -> None:
@@ -301,6 +337,11 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         if st is not None:
             freed = st.layout.release_all()
             self._pool.free_blocks([self._pool.blocks[p] for p in freed])
+            self.finished_summaries[request.request_id] = MCSummary(
+                st.tree.num_tokens, st.wc.count_by_level(), st.wc.cost, st.cfg.w_max, st.stats
+            )
+            while len(self.finished_summaries) > 4096:
+                self.finished_summaries.popitem(last=False)
 
     def queue_actions(self, request_id: str, actions: list[Action]) -> None:
         """Edits to apply before the request's next step; refused if they would break the

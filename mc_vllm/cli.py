@@ -14,8 +14,8 @@ DEFAULT_TINY_DIR = Path("models/tiny-llama")
 
 def _add_mc_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-max", type=int, default=1024, help="working-context budget (token-equivalents)")
-    p.add_argument("--position-mode", choices=["compact", "absolute"], default=None,
-                   help="default: absolute on vLLM, compact on the reference runtime")
+    p.add_argument("--position-mode", choices=["compact", "absolute"], default="compact",
+                   help="RoPE positions: rank in the working context (compact) or history index")
     p.add_argument("--backend", choices=["vllm", "reference"], default="vllm",
                    help="vllm: KV page edits inside vLLM; reference: exact HF recompute oracle")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -44,7 +44,7 @@ def _run_vllm(args: argparse.Namespace, text: str) -> int:
 
     from .llm import MegaContextLLM
 
-    mc = {"w_max": args.w_max, "position_mode": args.position_mode or "absolute",
+    mc = {"w_max": args.w_max, "position_mode": args.position_mode or "compact",
           "debug_invariants": args.debug_invariants}
     if args.gistnet:
         mc["gistnet"] = args.gistnet

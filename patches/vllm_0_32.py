@@ -14,7 +14,7 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401 - MCScheduler's
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from mc_vllm.vllm.worker import MCWorker
+from mc_vllm.vllm.worker import MCWorker, Rope
 
 _installed = False
 
@@ -23,11 +23,13 @@ def _mc_worker(runner: GPUModelRunner) -> MCWorker:
     w = getattr(runner, "_mc_worker", None)
     if w is None:
         model = runner.get_model()
+        rot = next((m for m in model.modules() if hasattr(m, "cos_sin_cache")), None)
         w = MCWorker(
             runner.vllm_config.additional_config,
             embed_fn=model.embed_input_ids,
             embed_dim=runner.model_config.get_hidden_size(),
             device=runner.device,
+            rope=None if rot is None else Rope(rot.cos_sin_cache, rot.rotary_dim, rot.is_neox_style),
         )
         runner._mc_worker = w
     return w

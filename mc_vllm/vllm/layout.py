@@ -88,6 +88,16 @@ class KVLayout:
     def tail_slot(self, j: int) -> int:
         return self.tail_pages[j // K] * K + j % K
 
+    def computed_slots(self) -> dict[tuple[int, int], int]:
+        """(level, index) of every computed slot -> its physical KV slot."""
+        out: dict[tuple[int, int], int] = {}
+        for b, page in self.lod0:
+            for j in range(K):
+                out[(0, b * K + j)] = page * K + j
+        for j, c in enumerate(self.tail):
+            out[c[:2]] = self.tail_slot(j)
+        return out
+
     def pages_held(self) -> int:
         return len(self.lod0) + len(self.tail_pages) + len(self.retained)
 

@@ -18,7 +18,7 @@ ENABLE_KEY = "mc"
 class EngineOptions:
     """Deployment-wide options, from ``--additional-config '{"megacontext": {...}}'``."""
 
-    defaults: MCConfig = MCConfig(position_mode="absolute")
+    defaults: MCConfig = MCConfig()
     gistnet: str | None = None  # saved GistNet dir; mean-pool when None
     lensnet: str | None = None  # saved LensNet dir; heuristic scorer when None
     retained_cap: int = 64  # collapsed pages kept per request for free re-expansion
@@ -29,8 +29,7 @@ class EngineOptions:
         raw = dict((additional or {}).get("megacontext", {}) or {})
         own = {f.name for f in dataclasses.fields(cls)} - {"defaults"}
         mine = {k: raw.pop(k) for k in list(raw) if k in own}
-        base = {"position_mode": "absolute", **raw}
-        opts = cls(defaults=MCConfig.from_dict(base), **mine)
+        opts = cls(defaults=MCConfig.from_dict(raw), **mine)
         if opts.retained_cap < 0 or opts.max_chunk < 32:
             raise ValueError("megacontext.retained_cap must be >= 0 and max_chunk >= 32")
         return opts

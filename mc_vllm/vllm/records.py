@@ -29,7 +29,10 @@ class MCStep:
     """Everything MegaContext asks of the worker in one step."""
 
     plans: dict[str, MCRequestPlan] = field(default_factory=dict)
-    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) KV slots
+    # KV edits, applied in order before the forward:
+    #   ("copy", [(src slot, dst slot), ...])  whole-slot copies (K and V, every layer)
+    #   ("rot", delta, [slot, ...])            re-rotate K by delta positions (compact mode)
+    ops: list[tuple] = field(default_factory=list)
     configs: dict[str, dict] = field(default_factory=dict)  # new requests' options
 
 

@@ -23,7 +23,7 @@ from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree
 from ..core.working_context import Action, WorkingContext, check_invariants
 from .compat import patches
-from .layout import Edit, KVLayout, absolute_position, token_slot
+from .layout import Content, Edit, KVLayout, absolute_position, token_slot
 from .options import PROMPT_KEY, EngineOptions, request_options
 from .records import MCRequestPlan, MCResults, MCStep
 
@@ -41,6 +41,7 @@ class MCStats:
     forced_collapses: int = 0
     seals: int = 0
     slot_copies: int = 0
+    rerotated_slots: int = 0
     max_pages_held: int = 0
     # decode phase (after the first sampled token), for the no-hidden-recompute check:
     decode_forward_tokens: int = 0  # slots the worker's model forward processed
@@ -69,6 +70,9 @@ class MCRequest:
     table_dirty: bool = False
     mirror_dirty: bool = True
     queued: list[Action] = field(default_factory=list)  # external edits (tests, pins)
+    # RoPE position each computed slot holds, by (level, index): compact mode re-rotates
+    # slots whose rank changed; debug mode checks them against the working context.
+    written: dict[tuple[int, int], int] = field(default_factory=dict)
     last_plan_decode: bool = False
     stats: MCStats = field(default_factory=MCStats)
 
@@ -101,6 +105,24 @@ class MCSummary:
         )
 
 
+def compact_bases(wc: WorkingContext) -> dict[tuple[int, int], int]:
+    """Compact mode: the position of each entry's first slot (its rank in time order)."""
+    out, o = {}, 0
+    for e, n in zip(wc.entries, wc.entry_lengths(), strict=True):
+        out[e] = o
+        o += n
+    return out
+
+
+def slot_position(c: Content | tuple[int, int], mode: str, bases: dict | None) -> int:
+    if mode == "absolute":
+        return absolute_position((c[0], c[1], 0))
+    assert bases is not None
+    if c[0] == 0:
+        return bases[(0, c[1] // K)] + c[1] % K
+    return bases[(c[0], c[1])]
+
+
 def recency_scores(wc: WorkingContext) -> list[float]:
     """Ingest scoring without a round trip to the worker: older entries collapse first."""
     n = len(wc.entries)
@@ -115,7 +137,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         )
         self.mc: dict[str, MCRequest] = {}
         self.finished_summaries: OrderedDict[str, MCSummary] = OrderedDict()  # bounded
-        self._mc_copies: list[tuple[int, int]] = []
+        self._mc_ops: list[tuple] = []
         self._mc_new_configs: dict[str, dict] = {}
         self._mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
         self._pool = self.kv_cache_manager.block_pool
@@ -128,8 +150,6 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         cfg = request_options(extra, self.mc_options.defaults) if extra else None
         if cfg is None:
             return super().add_request(request)
-        if cfg.position_mode != "absolute":
-            raise ValueError("the vLLM runtime supports position_mode='absolute' only (so far)")
         prompt = np.asarray(extra.pop(PROMPT_KEY, None) or request.prompt_token_ids, dtype=np.int64)
         st = MCRequest(
             cfg=cfg,
@@ -159,7 +179,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             ]
 
     def _apply_edit(self, st: MCRequest, edit: Edit) -> None:
-        self._mc_copies += edit.copies
+        if edit.copies:
+            self._mc_ops.append(("copy", edit.copies))
         st.mirror_dirty = True
         st.stats.slot_copies += len(edit.copies)
         if edit.freed:
@@ -186,8 +207,27 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self._apply_edit(st, edit)
             st.stats.expands += a.op == "expand"
             st.stats.collapses += a.op == "collapse"
+        self._settle_positions(st)
         if st.cfg.debug_invariants:
             check_invariants(st.wc, top_level=st.cfg.top_level)
+
+    def _settle_positions(self, st: MCRequest) -> None:
+        """After edits: forget removed slots; in compact mode re-rotate the K of every
+        computed slot whose rank moved (RoPE rotations compose: rotate by the shift)."""
+        slots = st.layout.computed_slots()
+        st.written = {k: v for k, v in st.written.items() if k in slots}
+        if st.cfg.position_mode != "compact" or not st.written:
+            return
+        bases = compact_bases(st.wc)
+        by_delta: dict[int, list[int]] = {}
+        for key, old in st.written.items():
+            new = slot_position(key, "compact", bases)
+            if new != old:
+                by_delta.setdefault(new - old, []).append(slots[key])
+                st.written[key] = new
+        for delta, phys in sorted(by_delta.items()):
+            self._mc_ops.append(("rot", delta, phys))
+            st.stats.rerotated_slots += len(phys)
 
     def _seal_ready_blocks(self, st: MCRequest) -> None:
         for b in st.layout.sealable_blocks():
@@ -232,8 +272,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             if st.outputs_seen:
                 st.stats.scheduler_seconds += time.perf_counter() - t0
         out = super().schedule(*args, **kwargs)
-        step = MCStep(copies=self._mc_copies, configs=self._mc_new_configs)
-        self._mc_copies, self._mc_new_configs = [], {}
+        step = MCStep(ops=self._mc_ops, configs=self._mc_new_configs)
+        self._mc_ops, self._mc_new_configs = [], {}
         cached = out.scheduled_cached_reqs
         for rid, n in out.num_scheduled_tokens.items():
             st = self.mc.get(rid)
@@ -242,8 +282,12 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             lay = st.layout
             table = [b.block_id for b in self._mgr.req_to_blocks[rid]]
             lay.tail_pages = table[len(lay.lod0) :]
-            step.plans[rid] = self._plan(st, n)
+            plan = step.plans[rid] = self._plan(st, n)
+            for c, pos in zip(lay.pending[:n], plan.positions, strict=True):
+                st.written[c[:2]] = pos
             lay.computed(n)
+            if st.cfg.debug_invariants:
+                self._check_positions(st)
             if st.table_dirty and rid in cached.req_ids:
                 i = cached.req_ids.index(rid)
                 cached.resumed_req_ids.add(rid)
@@ -262,7 +306,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         plan = MCRequestPlan(
             tokens=[c[2] if c[0] == 0 else -1 for c in contents],
             gists=[None if c[0] == 0 else (c[0], c[1]) for c in contents],
-            positions=[absolute_position(c) for c in contents],
+            positions=self._positions(st, contents),
             sample=sample,
             history=st.history_delta,
             score=list(st.wc.entries) if sample and ends_block else None,
@@ -273,6 +317,23 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             st.stats.decode_tokens_fed += sum(c[0] == 0 for c in contents)
             st.stats.decode_gists += sum(c[0] > 0 for c in contents)
         return plan
+
+    def _positions(self, st: MCRequest, contents: list[Content]) -> list[int]:
+        mode = st.cfg.position_mode
+        bases = compact_bases(st.wc) if mode == "compact" else None
+        return [slot_position(c, mode, bases) for c in contents]
+
+    def _check_positions(self, st: MCRequest) -> None:
+        """Debug mode: the positions invariant on the slots actually written."""
+        mode = st.cfg.position_mode
+        bases = compact_bases(st.wc) if mode == "compact" else None
+        for key, pos in st.written.items():
+            want = slot_position(key, mode, bases)
+            if pos != want:
+                raise AssertionError(
+                    f"working-context invariant 'positions' violated: slot {key} holds "
+                    f"position {pos}, {mode} mode prescribes {want}"
+                )
 
     # ---- outputs -----------------------------------------------------------------------
 
@@ -330,6 +391,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self._pool.free_blocks([self._pool.blocks[p] for p in freed])
             st.table_dirty = False
             st.mirror_dirty = True
+            st.written.clear()
 
     def _free_blocks(self, request: Any) -> None:
         super()._free_blocks(request)

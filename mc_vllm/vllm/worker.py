@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,62 @@ def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], blo
             vals[db, :, do] = vals[sb, :, so]
 
 
+@dataclass
+class Rope:
+    """The model's rotary embedding, as needed to re-rotate cached keys."""
+
+    cos_sin_cache: torch.Tensor  # [max_position, rotary_dim]: cos half, then sin half
+    rotary_dim: int
+    neox: bool
+
+
+def _rotate(x: torch.Tensor, delta: int, rope: Rope) -> torch.Tensor:
+    """Rotate keys x [..., head_dim] by ``delta`` positions (rotations compose)."""
+    cs = rope.cos_sin_cache[abs(delta)].to(x.device, torch.float32)
+    half = rope.rotary_dim // 2
+    cos, sin = cs[:half], cs[half:] * (1 if delta >= 0 else -1)
+    xf = x.float()
+    rot = xf[..., : rope.rotary_dim]
+    if rope.neox:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:  # GPT-J style: interleaved pairs
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, xf[..., rope.rotary_dim :]], dim=-1).to(x.dtype)
+
+
+def rotate_slots(
+    kv_caches: list[torch.Tensor], delta: int, slots: list[int], block_size: int, rope: Rope
+) -> None:
+    """Re-rotate the cached K of ``slots`` by ``delta`` positions (V has no position)."""
+    b = torch.tensor([s // block_size for s in slots])
+    o = torch.tensor([s % block_size for s in slots])
+    for kv in kv_caches:
+        if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
+            dev = kv.device
+            bi, oi = b.to(dev), o.to(dev)
+            kv[0, bi, oi] = _rotate(kv[0, bi, oi], delta, rope)
+            continue
+        nb, h, bs, two_d = kv.shape
+        hd = two_d // 2
+        keys = kv.view(nb, h, 2 * bs * hd)[..., : bs * hd].view(nb, h, hd, bs)
+        sel = keys[b, :, :, o]  # [n, h, hd]
+        keys[b, :, :, o] = _rotate(sel, delta, rope)
+
+
+def apply_ops(kv_caches: list[torch.Tensor], ops: list[tuple], block_size: int, rope: Rope | None) -> None:
+    for op in ops:
+        if op[0] == "copy":
+            copy_slots(kv_caches, op[1], block_size)
+        elif op[0] == "rot":
+            if rope is None:
+                raise RuntimeError("compact positions need the model's rotary embedding")
+            rotate_slots(kv_caches, op[1], op[2], block_size, rope)
+        else:
+            raise ValueError(f"unknown KV op {op[0]!r}")
+
+
 class MCWorker:
     """Per-runner MegaContext state. One instance per model runner (per rank)."""
 
@@ -71,9 +128,11 @@ class MCWorker:
         embed_fn: Callable[[torch.Tensor], torch.Tensor],
         embed_dim: int,
         device: torch.device,
+        rope: Rope | None = None,
     ) -> None:
         opts = EngineOptions.from_additional_config(additional_config)
         self.embed_fn = embed_fn
+        self.rope = rope
         self.embed_dim = embed_dim
         self.device = device
         gist: torch.nn.Module = (
@@ -112,7 +171,7 @@ class MCWorker:
                 gist_levels=cfg.gist_levels,
             )
         with torch.no_grad():
-            copy_slots(kv_caches, step.copies, block_size)
+            apply_ops(kv_caches, step.ops, block_size, self.rope)
             for rid, plan in step.plans.items():
                 if plan.history:
                     self.trees[rid].append(plan.history)

@@ -12,9 +12,8 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from .core.allocator import check_capacity
 from .core.config import BLOCK_SIZE
-from .vllm.options import ENABLE_KEY, PROMPT_KEY, REQUEST_PREFIX, EngineOptions, request_options
+from .vllm.options import ENABLE_KEY, PROMPT_KEY, REQUEST_PREFIX, EngineOptions, validate_request
 from .vllm.plugin import SCHEDULER_CLS
 
 
@@ -37,7 +36,8 @@ class MegaContextLLM:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.options = EngineOptions.from_additional_config({"megacontext": megacontext or {}})
+        self._mc_raw = dict(megacontext or {})
+        self.options = EngineOptions.from_additional_config({"megacontext": self._mc_raw})
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional["megacontext"] = dict(megacontext or {})
         w_max = self.options.defaults.w_max
@@ -80,22 +80,9 @@ class MegaContextLLM:
         sp = copy.deepcopy(sp)
         extra = dict(sp.extra_args or {})
         extra.setdefault(ENABLE_KEY, 1)
-        cfg = request_options(extra, self.options.defaults)  # bad options: clear error here
-        assert cfg is not None
-        if cfg.w_max + 2 * BLOCK_SIZE > self.max_model_len:
-            raise ValueError(
-                f"mc_w_max={cfg.w_max} needs max_model_len >= {cfg.w_max + 2 * BLOCK_SIZE} "
-                f"(engine has {self.max_model_len})"
-            )
-        # The history grows by max_tokens while decoding: it must still fit at the end.
-        check_capacity(len(ids) + (sp.max_tokens or 0), cfg.w_max, cfg.gist_levels)
         extra[PROMPT_KEY] = ids
         sp.extra_args = extra
-        if sp.max_tokens is not None and sp.max_tokens >= self.max_model_len - 1:
-            raise ValueError(
-                f"max_tokens={sp.max_tokens}: a MegaContext request generates at most "
-                f"max_model_len-2={self.max_model_len - 2} tokens; raise max_model_len"
-            )
+        validate_request(extra, sp.max_tokens, {"megacontext": self._mc_raw}, self.max_model_len)
         # vLLM sees a 1-token stub; the scheduler takes the history from extra_args.
         return {"prompt_token_ids": ids[:1]}, sp, ids
 

@@ -10,10 +10,13 @@ import functools
 from typing import Any
 
 import torch
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401 - MCScheduler's base
+from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from mc_vllm.vllm.options import validate_request
 from mc_vllm.vllm.worker import MCWorker, Rope
 
 _installed = False
@@ -117,6 +120,26 @@ def wrap_sample_tokens(orig: Any) -> Any:
     return sample_tokens
 
 
+def wrap_validate_params(orig: Any) -> Any:
+    """Front end: refuse bad MegaContext options with a ValueError (HTTP 400), before the
+    request reaches the engine."""
+
+    @functools.wraps(orig)
+    def _validate_params(self: InputProcessor, params: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, params, *args, **kwargs)
+        extra = getattr(params, "extra_args", None)
+        if extra:
+            try:
+                validate_request(extra, getattr(params, "max_tokens", None),
+                                 self.vllm_config.additional_config,
+                                 self.vllm_config.model_config.max_model_len)
+            except (ValueError, RuntimeError) as e:  # ConfigError, CapacityError
+                raise VLLMValidationError(f"MegaContext: {e}", parameter="vllm_xargs") from e
+        return out
+
+    return _validate_params
+
+
 def install() -> None:
     """Patch the model runner class (the CPU runner subclasses it, so both are covered)."""
     global _installed
@@ -129,4 +152,5 @@ def install() -> None:
         ("sample_tokens", wrap_sample_tokens),
     ):
         setattr(GPUModelRunner, name, wrap(getattr(GPUModelRunner, name)))
+    InputProcessor._validate_params = wrap_validate_params(InputProcessor._validate_params)
     _installed = True

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.config import MCConfig
+from ..core.config import BLOCK_SIZE, MCConfig
 
 REQUEST_PREFIX = "mc_"
 PROMPT_KEY = "mc_prompt"  # the full history of an offline request (token ids)
@@ -33,6 +33,40 @@ class EngineOptions:
         if opts.retained_cap < 0 or opts.max_chunk < 32:
             raise ValueError("megacontext.retained_cap must be >= 0 and max_chunk >= 32")
         return opts
+
+
+def validate_request(
+    extra_args: dict[str, Any] | None,
+    max_tokens: int | None,
+    additional_config: dict[str, Any] | None,
+    max_model_len: int,
+) -> MCConfig | None:
+    """Front-end check of a request's MegaContext options (a clear ValueError, so the
+    server answers 400 and the engine never sees a request it would have to drop)."""
+    from ..core.allocator import check_capacity
+
+    cfg = request_options(extra_args, EngineOptions.from_additional_config(additional_config).defaults)
+    if cfg is None:
+        return None
+    if cfg.w_max + 2 * BLOCK_SIZE > max_model_len:
+        raise ValueError(
+            f"mc_w_max={cfg.w_max} needs max_model_len >= {cfg.w_max + 2 * BLOCK_SIZE} "
+            f"(engine has {max_model_len})"
+        )
+    prompt = (extra_args or {}).get(PROMPT_KEY)
+    if prompt is not None:
+        if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(t, int) and t >= 0 for t in prompt
+        ):
+            raise ValueError(f"{PROMPT_KEY} must be a non-empty list of token ids")
+        # The history grows by max_tokens while decoding: it must still fit at the end.
+        check_capacity(len(prompt) + (max_tokens or 0), cfg.w_max, cfg.gist_levels)
+    if max_tokens is not None and max_tokens >= max_model_len - 1:
+        raise ValueError(
+            f"max_tokens={max_tokens}: a MegaContext request generates at most "
+            f"max_model_len-2={max_model_len - 2} tokens"
+        )
+    return cfg
 
 
 def request_options(extra_args: dict[str, Any] | None, defaults: MCConfig) -> MCConfig | None:

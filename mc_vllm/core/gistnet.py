@@ -7,7 +7,6 @@ untrained GistNet *is* the mean-pool baseline and training only has to learn a c
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import BLOCK_SIZE
-from .nets import Block, load_state, read_net_config, save_net
+from .nets import Block, config_from, load_state, read_net_config, save_module
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class MeanPoolGist(nn.Module):
         return x.mean(dim=-2)
 
     def save(self, path: str | os.PathLike) -> None:
-        save_net(self, {"kind": self.kind, **dataclasses.asdict(self.config)}, path)
+        save_module(self, path)
 
 
 class GistNet(nn.Module):
@@ -73,20 +72,16 @@ class GistNet(nn.Module):
         return x.mean(dim=-2) + self.out(q[:, 0])
 
     def save(self, path: str | os.PathLike) -> None:
-        save_net(self, {"kind": self.kind, **dataclasses.asdict(self.config)}, path)
+        save_module(self, path)
 
 
 def load_gistnet(
     path: str | os.PathLike, *, base_model: str | None = None, embed_dim: int | None = None
 ) -> GistNet | MeanPoolGist:
     """Load a saved GistNet (or mean-pool baseline), checking base model and dimension."""
-    try:
-        cfg = read_net_config(path, GistNet.kind, base_model=base_model, embed_dim=embed_dim)
-    except ValueError as e:
-        if "holds a 'meanpool'" not in str(e):
-            raise
-        cfg = read_net_config(path, MeanPoolGist.kind, base_model=base_model, embed_dim=embed_dim)
+    cfg = read_net_config(
+        path, (GistNet.kind, MeanPoolGist.kind), base_model=base_model, embed_dim=embed_dim
+    )
+    if cfg["kind"] == MeanPoolGist.kind:
         return MeanPoolGist(cfg["embed_dim"], cfg["base_model"])
-    fields = {f.name for f in dataclasses.fields(GistNetConfig)}
-    net = GistNet(GistNetConfig(**{k: v for k, v in cfg.items() if k in fields}))
-    return load_state(net, path).eval()
+    return load_state(GistNet(config_from(GistNetConfig, cfg)), path).eval()

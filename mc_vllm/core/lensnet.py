@@ -12,7 +12,6 @@ scored. Cost is linear in the number of entries.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from .config import BLOCK_SIZE
-from .nets import Block, load_state, read_net_config, save_net
+from .nets import Block, config_from, load_state, read_net_config, save_module
 from .tree import MegaContextTree, node_end, node_start, span_tokens
 from .working_context import WorkingContext
 
@@ -148,13 +147,11 @@ class LensNet(nn.Module):
         return s.cpu().tolist()
 
     def save(self, path: str | os.PathLike) -> None:
-        save_net(self, {"kind": self.kind, **dataclasses.asdict(self.config)}, path)
+        save_module(self, path)
 
 
 def load_lensnet(
     path: str | os.PathLike, *, base_model: str | None = None, embed_dim: int | None = None
 ) -> LensNet:
     cfg = read_net_config(path, LensNet.kind, base_model=base_model, embed_dim=embed_dim)
-    fields = {f.name for f in dataclasses.fields(LensNetConfig)}
-    net = LensNet(LensNetConfig(**{k: v for k, v in cfg.items() if k in fields}))
-    return load_state(net, path).eval()
+    return load_state(LensNet(config_from(LensNetConfig, cfg)), path).eval()

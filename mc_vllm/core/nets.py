@@ -7,10 +7,11 @@ next to the wrong base model is a clear error instead of silently wrong gists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 NET_FORMAT_VERSION = 1
+T = TypeVar("T")
 
 try:  # xformers is optional: only used for CUDA tensors when installed.
     import xformers.ops as _xops  # type: ignore[import-not-found]
@@ -88,7 +90,7 @@ def save_net(module: nn.Module, config: dict[str, Any], path: str | os.PathLike)
 
 def read_net_config(
     path: str | os.PathLike,
-    kind: str,
+    kind: str | tuple[str, ...],
     *,
     base_model: str | None = None,
     embed_dim: int | None = None,
@@ -105,8 +107,10 @@ def read_net_config(
         raise NetConfigError(
             f"{p}: format_version {cfg.get('format_version')!r}, expected {NET_FORMAT_VERSION}"
         )
-    if cfg.get("kind") != kind:
-        raise NetConfigError(f"{p}: holds a {cfg.get('kind')!r}, expected a {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if cfg.get("kind") not in kinds:
+        want = " or ".join(repr(k) for k in kinds)
+        raise NetConfigError(f"{p}: holds a {cfg.get('kind')!r}, expected a {want}")
     if base_model is not None and cfg.get("base_model") != base_model:
         raise NetConfigError(
             f"{p}: trained for base model {cfg.get('base_model')!r}, not {base_model!r}"
@@ -114,6 +118,17 @@ def read_net_config(
     if embed_dim is not None and cfg.get("embed_dim") != embed_dim:
         raise NetConfigError(f"{p}: embed_dim {cfg.get('embed_dim')}, the base model has {embed_dim}")
     return cfg
+
+
+def save_module(module: nn.Module, path: str | os.PathLike) -> Path:
+    """Save a net that has ``kind`` and a dataclass ``config`` (GistNet, LensNet, ...)."""
+    return save_net(module, {"kind": module.kind, **dataclasses.asdict(module.config)}, path)
+
+
+def config_from(cls: type[T], cfg: dict[str, Any]) -> T:
+    """Build a net's config dataclass from a saved config.json (extra keys ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 def load_state(module: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -57,3 +57,38 @@ def test_collapse_retains_then_drops_and_expand_recomputes():
     assert not recomputed and (1, 11) in lay.lod0 and lay.tail == [gist_slot((1, 0))]
     _, recomputed = lay.expand_block(0, list(range(32)))
     assert recomputed and lay.pending[0] == token_slot(0, 0) and lay.tail == []
+
+
+def test_request_options_and_engine_defaults():
+    from mc_vllm.core.config import ConfigError, MCConfig
+    from mc_vllm.vllm.options import EngineOptions, request_options, validate_request
+
+    opts = EngineOptions.from_additional_config({"megacontext": {"w_max": 2048, "retained_cap": 3}})
+    assert opts.defaults.w_max == 2048 and opts.retained_cap == 3
+    assert request_options({"temperature_hint": 1}, opts.defaults) is None  # plain request
+    cfg = request_options({"mc_w_max": 512, "mc_position_mode": "absolute"}, opts.defaults)
+    assert cfg == MCConfig(w_max=512, position_mode="absolute")
+    with pytest.raises(ConfigError, match="wmax"):
+        request_options({"mc_wmax": 512}, opts.defaults)
+    with pytest.raises(ValueError, match="gist_timing"):
+        EngineOptions.from_additional_config({"megacontext": {"gist_timing": "seal"}})
+    with pytest.raises(ValueError, match="max_model_len >= "):
+        validate_request({"mc": 1}, 16, {"megacontext": {"w_max": 2048}}, 1024)
+    with pytest.raises(ValueError, match="mc_prompt"):
+        validate_request({"mc_prompt": [1, -2]}, 16, None, 9000)
+    with pytest.raises(RuntimeError, match="coarsest"):
+        validate_request({"mc_prompt": [5] * 300_000, "mc_w_max": 256}, 16, None, 9000)
+
+
+def test_plugin_refuses_other_vllm_versions(monkeypatch):
+    import vllm
+
+    from mc_vllm.vllm import compat, plugin
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    compat.patches.cache_clear()
+    try:
+        with pytest.raises(UnsupportedVLLMVersion, match=r"0\.32\.x.*0\.33\.1"):
+            plugin.register()
+    finally:
+        compat.patches.cache_clear()

@@ -29,7 +29,9 @@ class MCConfig:
     refocus_every: int = BLOCK_SIZE
     gist_levels: int = 2
     position_mode: PositionMode = "compact"
-    gist_timing: GistTiming = "seal"
+    # When a gist's KV is computed: at collapse time (one extra token at the tail, the
+    # vLLM runtime's choice so far) or at seal time (DESIGN.md; not implemented yet).
+    gist_timing: GistTiming = "collapse"
     debug_invariants: bool = False
 
     def __post_init__(self) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -200,6 +199,3 @@ class MCWorker:
         res.aux_seconds += time.perf_counter() - t0
         return res
 
-
-def model_name(path: str) -> str:
-    return Path(path).name

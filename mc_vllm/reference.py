@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .core.allocator import FocusAllocator, cold_start
+from .core.allocator import FocusAllocator, cold_start, ingest_room, recency_scores
 from .core.config import BLOCK_SIZE, MCConfig
 from .core.gistnet import MeanPoolGist
 from .core.lensnet import HeuristicScorer, Scorer
@@ -105,15 +105,32 @@ class ReferenceRuntime:
         *,
         eos_token_id: int | None = None,
         on_token: Callable[[int], None] | None = None,
+        ingest_chunk: int | None = None,
     ) -> ReferenceOutput:
-        """Greedy MegaContext decoding of one prompt (any length)."""
+        """Greedy MegaContext decoding of one prompt (any length).
+
+        ``ingest_chunk=None`` assembles the working context for the whole prompt at once
+        (cold start). An int ingests in chunks of that size, collapsing the oldest entries
+        to make room, exactly as the vLLM runtime does: then the two differ only by KV reuse.
+        """
         cfg = self.config
         if len(prompt_ids) == 0:
             raise ValueError("prompt must contain at least one token")
         tree = self.new_tree()
-        tree.append(prompt_ids)
-        wc = cold_start(tree, cfg.w_max, top_level=cfg.top_level)
         alloc = FocusAllocator(cfg)
+        if ingest_chunk is None:
+            tree.append(prompt_ids)
+            wc = cold_start(tree, cfg.w_max, top_level=cfg.top_level)
+        else:
+            wc = WorkingContext([], 0, cfg.w_max)
+            for i in range(0, len(prompt_ids), ingest_chunk):
+                chunk = prompt_ids[i : i + ingest_chunk]
+                need = ingest_room(tree.num_tokens, len(chunk))
+                if wc.free < need:
+                    for a in alloc.make_room(wc, recency_scores(wc), tree, need):
+                        wc.apply(a)
+                tree.append(chunk)
+                wc.grow(tree.num_tokens)
         stats = MCStats(w_max=cfg.w_max)
         out: list[int] = []
         self._refocus(wc, tree, alloc, stats)
@@ -131,8 +148,8 @@ class ReferenceRuntime:
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
-            if tok == eos_token_id:
-                break
+            if tok == eos_token_id or len(out) == max_new_tokens:
+                break  # like vLLM, the last sampled token is never fed back
             tree.append([tok])
             wc.grow(tree.num_tokens)
             self._refocus(wc, tree, alloc, stats)

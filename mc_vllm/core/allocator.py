@@ -161,6 +161,19 @@ class FocusAllocator:
         return self.plan(wc, scores, tree, headroom=need, max_actions=0)
 
 
+def recency_scores(wc: WorkingContext) -> list[float]:
+    """Scores for ingest, where no scorer round trip is affordable: older entries lower,
+    so make_room collapses the oldest raw blocks (and complete gist groups) first."""
+    n = len(wc.entries)
+    return [-1.0 + i / max(n, 1) for i in range(n)]
+
+
+def ingest_room(history_len: int, chunk: int) -> int:
+    """Budget the next ``chunk`` tokens need: the blocks they open, K each."""
+    open_len = history_len % K
+    return -(-(open_len + chunk) // K) * K - (K if open_len else 0)
+
+
 def coarsest_cost(history_len: int, gist_levels: int = 2) -> int:
     """Cost of showing a whole history at the coarsest level (the open block raw)."""
     cost, rest = 0, history_len

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.allocator import FocusAllocator
+from ..core.allocator import FocusAllocator, ingest_room, recency_scores
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree
 from ..core.working_context import Action, WorkingContext, check_invariants
@@ -121,12 +121,6 @@ def slot_position(c: Content | tuple[int, int], mode: str, bases: dict | None) -
     if c[0] == 0:
         return bases[(0, c[1] // K)] + c[1] % K
     return bases[(c[0], c[1])]
-
-
-def recency_scores(wc: WorkingContext) -> list[float]:
-    """Ingest scoring without a round trip to the worker: older entries collapse first."""
-    n = len(wc.entries)
-    return [-1.0 + i / max(n, 1) for i in range(n)]
 
 
 class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
@@ -241,7 +235,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         if not st.ingesting or st.layout.pending:
             return
         chunk = min(len(st.prompt) - st.fed, self.mc_options.max_chunk, st.cfg.w_max // 2)
-        need = -(-(st.tree.num_tokens % K + chunk) // K) * K - (K if st.tree.num_tokens % K else 0)
+        need = ingest_room(st.tree.num_tokens, chunk)
         if st.wc.free < need:
             actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, need)
             st.stats.forced_collapses += len(actions)

@@ -82,7 +82,8 @@ class MegaContextLLM:
         extra.setdefault(ENABLE_KEY, 1)
         extra[PROMPT_KEY] = ids
         sp.extra_args = extra
-        validate_request(extra, sp.max_tokens, {"megacontext": self._mc_raw}, self.max_model_len)
+        validate_request(extra, sp.max_tokens, {"megacontext": self._mc_raw}, self.max_model_len,
+                         sp.prompt_logprobs)
         # vLLM sees a 1-token stub; the scheduler takes the history from extra_args.
         return {"prompt_token_ids": ids[:1]}, sp, ids
 

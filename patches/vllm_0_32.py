@@ -132,7 +132,8 @@ def wrap_validate_params(orig: Any) -> Any:
             try:
                 validate_request(extra, getattr(params, "max_tokens", None),
                                  self.vllm_config.additional_config,
-                                 self.vllm_config.model_config.max_model_len)
+                                 self.vllm_config.model_config.max_model_len,
+                                 getattr(params, "prompt_logprobs", None))
             except (ValueError, RuntimeError) as e:  # ConfigError, CapacityError
                 raise VLLMValidationError(f"MegaContext: {e}", parameter="vllm_xargs") from e
         return out

@@ -76,6 +76,8 @@ def test_request_options_and_engine_defaults():
         validate_request({"mc": 1}, 16, {"megacontext": {"w_max": 2048}}, 1024)
     with pytest.raises(ValueError, match="mc_prompt"):
         validate_request({"mc_prompt": [1, -2]}, 16, None, 9000)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        validate_request({"mc": 1}, 16, None, 9000, prompt_logprobs=1)
     with pytest.raises(RuntimeError, match="coarsest"):
         validate_request({"mc_prompt": [5] * 300_000, "mc_w_max": 256}, 16, None, 9000)
 

@@ -40,6 +40,7 @@ def validate_request(
     max_tokens: int | None,
     additional_config: dict[str, Any] | None,
     max_model_len: int,
+    prompt_logprobs: int | None = None,
 ) -> MCConfig | None:
     """Front-end check of a request's MegaContext options (a clear ValueError, so the
     server answers 400 and the engine never sees a request it would have to drop)."""
@@ -48,6 +49,9 @@ def validate_request(
     cfg = request_options(extra_args, EngineOptions.from_additional_config(additional_config).defaults)
     if cfg is None:
         return None
+    if prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs are not available for MegaContext requests "
+                         "(the prompt is ingested into the history, not scored)")
     if cfg.w_max + 2 * BLOCK_SIZE > max_model_len:
         raise ValueError(
             f"mc_w_max={cfg.w_max} needs max_model_len >= {cfg.w_max + 2 * BLOCK_SIZE} "

@@ -64,9 +64,10 @@ def main() -> None:
     rows = []
     for kind, text in texts().items():
         ids = tok.encode(text, add_special_tokens=False)[: args.history_x * args.w_max]
-        for mode in ("compact", "absolute"):
+        for mode, timing in [(m, t) for m in ("compact", "absolute") for t in ("collapse", "seal")]:
             sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
-                                extra_args={"mc": 1, "mc_position_mode": mode})
+                                extra_args={"mc": 1, "mc_position_mode": mode,
+                                            "mc_gist_timing": timing})
             (out,) = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
             got = list(out.outputs[0].token_ids)
             ref = ReferenceRuntime(hf, MCConfig(w_max=args.w_max, position_mode=mode))
@@ -75,18 +76,22 @@ def main() -> None:
                           if a != b), args.gen)
             same = sum(a == b for a, b in zip(got, want.token_ids, strict=True))
             rows.append({
-                "content": kind, "mode": mode, "history": len(ids),
+                "content": kind, "mode": mode, "gist_timing": timing, "history": len(ids),
                 "first_token_equal": got[0] == want.token_ids[0],
                 "agree_prefix": agree, "token_match": round(same / args.gen, 3),
                 "wc_levels_vllm": out.mc_summary.wc_entries_by_level,
                 "wc_levels_ref": want.stats.wc_entries_by_level,
             })
             print(json.dumps(rows[-1]), flush=True)
-    n = len(rows)
     print(f"\nW_max={args.w_max}, history {args.history_x}x W_max, {args.gen} greedy tokens")
-    print(f"first token equal: {sum(r['first_token_equal'] for r in rows)}/{n}; mean agreeing "
-          f"prefix {sum(r['agree_prefix'] for r in rows) / n:.1f}/{args.gen}; mean token match "
-          f"{sum(r['token_match'] for r in rows) / n:.2f}")
+    for mode in ("compact", "absolute"):
+        for timing in ("collapse", "seal"):
+            sel = [r for r in rows if r["mode"] == mode and r["gist_timing"] == timing]
+            n = len(sel)
+            print(f"{mode:>8} / {timing:<8}: first token equal "
+                  f"{sum(r['first_token_equal'] for r in sel)}/{n}; mean agreeing prefix "
+                  f"{sum(r['agree_prefix'] for r in sel) / n:.1f}/{args.gen}; mean token match "
+                  f"{sum(r['token_match'] for r in sel) / n:.2f}")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,10 @@ def wrap_prepare_inputs(orig: Any) -> Any:
         if w is not None and w.step is not None and w.step.plans:
             mask = self.discard_request_mask
             for rid, plan in w.step.plans.items():
-                mask.np[self.input_batch.req_id_to_index[rid]] = not plan.sample
+                i = self.input_batch.req_id_to_index[rid]
+                mask.np[i] = not plan.sample
+                if plan.sample_offset:  # a seal-time gist follows the token to sample
+                    out[0][i] += plan.sample_offset
             mask.copy_to_gpu(self.input_batch.num_reqs)
         return out
 

@@ -47,9 +47,13 @@ def vanilla(tiny_model_dir, tmp_path_factory):
     return ps, vanilla_outputs(tiny_model_dir, ps, 48, tmp_path_factory.mktemp("vanilla"))
 
 
-def test_fits_in_w_max_equals_vanilla_batch_of_4(mc_llm, vanilla):
+@pytest.mark.parametrize("timing", ["collapse", "seal"])
+def test_fits_in_w_max_equals_vanilla_batch_of_4(mc_llm, vanilla, timing):
+    """Seal-time gists run an extra slot after every block's last token: the token is still
+    the one sampled, and the gist slot leaves the live sequence before anything sees it."""
     ps, want = vanilla
-    outs = mc_llm.generate([{"prompt_token_ids": p} for p in ps], mc_params(48), use_tqdm=False)
+    sp = mc_params(48, mc_gist_timing=timing)
+    outs = mc_llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
     assert [o.prompt_token_ids for o in outs] == ps  # the user sees the whole prompt
 
@@ -64,13 +68,15 @@ def test_mixed_batch_plain_requests_equal_vanilla(mc_llm, vanilla):
     assert all(len(o.outputs[0].token_ids) == 48 for o in outs[4:])
 
 
-def test_long_prompt_bounded_pages_and_invariants(mc_llm):
+@pytest.mark.parametrize("timing", ["collapse", "seal"])
+def test_long_prompt_bounded_pages_and_invariants(mc_llm, timing):
     """16 x W_max prompt; pool-measured pages and invariants checked after every step."""
     w = 512
     (p,) = prompts((16 * w,), seed=3)
     sched = mc_llm.scheduler()
     free0 = sched._pool.get_num_free_blocks()
-    mc_llm.add_request("long", {"prompt_token_ids": p}, mc_params(64, mc_w_max=w))
+    mc_llm.add_request("long", {"prompt_token_ids": p},
+                       mc_params(64, mc_w_max=w, mc_gist_timing=timing))
     rid = None
     bound = math.ceil(w / 32) + 2 + RETAINED_CAP  # LOD0 pages + tail pages + retained tier
     seen = {"steps": 0, "max_used": 0}
@@ -94,11 +100,13 @@ def test_long_prompt_bounded_pages_and_invariants(mc_llm):
     assert sched._pool.get_num_free_blocks() == free0
 
 
-def test_no_hidden_recompute_during_decode(mc_llm):
+@pytest.mark.parametrize("timing", ["collapse", "seal"])
+def test_no_hidden_recompute_during_decode(mc_llm, timing):
     """Model tokens in decode = generated tokens fed + 1 per new gist + 32 per dropped expand."""
     (p,) = prompts((6000,), seed=4)
     sched = mc_llm.scheduler()
-    mc_llm.add_request("count", {"prompt_token_ids": p}, mc_params(96, mc_w_max=512))
+    mc_llm.add_request("count", {"prompt_token_ids": p},
+                       mc_params(96, mc_w_max=512, mc_gist_timing=timing))
     state = {"rid": None, "stats": None, "forced": False}
 
     def step():
@@ -111,7 +119,10 @@ def test_no_hidden_recompute_during_decode(mc_llm):
             # expand a gist whose page was dropped (retained tier is small): 32-token recompute
             gist = next(e for e in reversed(st.wc.entries)
                         if e[0] == 1 and e[1] not in st.layout.retained)
-            raw = next(e for e in st.wc.entries if e[0] == 0)  # funds the expansion
+            # funds the expansion; with seal-time gists, a block sealed while decoding, whose
+            # gist KV is placed by a slot copy instead of a forward
+            raw = next(e for e in st.wc.entries if e[0] == 0 and (
+                timing == "collapse" or e[1] in st.sealed_pos))
             sched.queue_actions(rid, [Action("collapse", (1, raw[1])), Action("expand", gist)])
             state["forced"] = True
 
@@ -121,6 +132,8 @@ def test_no_hidden_recompute_during_decode(mc_llm):
     assert s.decode_recomputed_blocks >= 1 and s.decode_gists >= 1
     fed = 96 - 1  # every generated token but the last is fed back
     assert s.decode_forward_tokens == fed + s.decode_gists + 32 * s.decode_recomputed_blocks
+    if timing == "seal":  # one gist per sealed block; collapses of those blocks are copies
+        assert s.seal_gists == 96 // 32 and s.placed_gists >= 1
 
 
 def test_concurrent_requests_are_isolated(mc_llm):

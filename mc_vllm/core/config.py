@@ -29,8 +29,9 @@ class MCConfig:
     refocus_every: int = BLOCK_SIZE
     gist_levels: int = 2
     position_mode: PositionMode = "compact"
-    # When a gist's KV is computed: at collapse time (one extra token at the tail, the
-    # vLLM runtime's choice so far) or at seal time (DESIGN.md; not implemented yet).
+    # When the vLLM runtime computes a gist's KV: at collapse time (one extra token at the
+    # tail, attending to the working context then) or at seal time (one extra token right
+    # after the block's last one, kept in a side store and placed by a slot copy).
     gist_timing: GistTiming = "collapse"
     debug_invariants: bool = False
 

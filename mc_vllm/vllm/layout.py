@@ -37,6 +37,13 @@ def gist_slot(node: NodeId) -> Content:
     return (node[0], node[1], -1)
 
 
+SEAL_TAG = -3  # token field of a seal-time gist slot: computed once, then moved out
+
+
+def seal_gist_slot(block: int) -> Content:
+    return (1, block, SEAL_TAG)
+
+
 def absolute_position(c: Content) -> int:
     """RoPE position in ``absolute`` mode: a token keeps its index, a gist sits mid-span."""
     level, index, _ = c
@@ -204,6 +211,27 @@ class KVLayout:
             return edit, False
         self.pending[0:0] = [token_slot(block * K + i, t) for i, t in enumerate(tokens)]
         return edit, True
+
+    def place_gist(self, block: int, fresh_page: Callable[[], int]) -> tuple[Edit, int]:
+        """Put gist (1, block) into a new computed tail slot (its KV comes from the side
+        store, no forward). Returns the edit and the physical slot. Call right after
+        :meth:`collapse_block`, which queued the gist for computing instead."""
+        self.pending.remove(gist_slot((1, block)))
+        edit = Edit()
+        if len(self.tail) == K * len(self.tail_pages):
+            self.tail_pages.append(fresh_page())
+            edit.table_changed = True
+        self.tail.append(gist_slot((1, block)))
+        return edit, self.tail_slot(len(self.tail) - 1)
+
+    def pop_seal_gist(self) -> tuple[Edit, int, int] | None:
+        """If the last computed slot is a seal-time gist: remove it (no copy: it is last).
+        Returns (edit, block, physical slot it occupied)."""
+        if not self.tail or self.tail[-1][2] != SEAL_TAG:
+            return None
+        block, phys = self.tail[-1][1], self.tail_slot(len(self.tail) - 1)
+        edit = self.remove_tail_slots({len(self.tail) - 1})
+        return edit, block, phys
 
     def replace_gists(self, old: list[NodeId], new: list[NodeId]) -> Edit:
         """Gist-level collapse/expand: remove ``old`` gist slots, compute ``new`` ones."""

@@ -29,7 +29,7 @@ class EngineOptions:
         raw = dict((additional or {}).get("megacontext", {}) or {})
         own = {f.name for f in dataclasses.fields(cls)} - {"defaults"}
         mine = {k: raw.pop(k) for k in list(raw) if k in own}
-        opts = cls(defaults=supported(MCConfig.from_dict(raw)), **mine)
+        opts = cls(defaults=MCConfig.from_dict(raw), **mine)
         if opts.retained_cap < 0 or opts.max_chunk < 32:
             raise ValueError("megacontext.retained_cap must be >= 0 and max_chunk >= 32")
         return opts
@@ -85,14 +85,4 @@ def request_options(extra_args: dict[str, Any] | None, defaults: MCConfig) -> MC
         for k, v in extra_args.items()
         if k.startswith(REQUEST_PREFIX) and k not in (PROMPT_KEY, "mc_session")
     }
-    return supported(MCConfig.from_dict({**defaults.to_dict(), **overrides}))
-
-
-def supported(cfg: MCConfig) -> MCConfig:
-    """Refuse options the core accepts but the vLLM runtime does not implement."""
-    if cfg.gist_timing != "collapse":
-        raise ValueError(
-            f"gist_timing={cfg.gist_timing!r}: the vLLM runtime computes gist KV at collapse "
-            "time only (so far); use 'collapse'"
-        )
-    return cfg
+    return MCConfig.from_dict({**defaults.to_dict(), **overrides})

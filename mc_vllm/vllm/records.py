@@ -22,6 +22,7 @@ class MCRequestPlan:
     sample: bool  # keep the sampled token (False while ingesting)
     history: list[int] = field(default_factory=list)  # tokens appended to the history
     score: list[NodeId] | None = None  # score these working-context entries after the step
+    sample_offset: int = 0  # sample from the slot this far before the last (-1: seal gist)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class MCStep:
     # KV edits, applied in order before the forward:
     #   ("copy", [(src slot, dst slot), ...])  whole-slot copies (K and V, every layer)
     #   ("rot", delta, [slot, ...])            re-rotate K by delta positions (compact mode)
+    #   ("save", request id, node, slot)       keep a seal-time gist's KV in the side store
+    #   ("place", request id, node, slot)      write a stored gist's KV into a slot
     ops: list[tuple] = field(default_factory=list)
     configs: dict[str, dict] = field(default_factory=dict)  # new requests' options
 

@@ -23,7 +23,15 @@ from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree
 from ..core.working_context import Action, WorkingContext, check_invariants
 from .compat import patches
-from .layout import Content, Edit, KVLayout, absolute_position, token_slot
+from .layout import (
+    SEAL_TAG,
+    Content,
+    Edit,
+    KVLayout,
+    absolute_position,
+    seal_gist_slot,
+    token_slot,
+)
 from .options import PROMPT_KEY, EngineOptions, request_options
 from .records import MCRequestPlan, MCResults, MCStep
 
@@ -42,6 +50,8 @@ class MCStats:
     seals: int = 0
     slot_copies: int = 0
     rerotated_slots: int = 0
+    seal_gists: int = 0  # seal-time gist KVs computed and stored
+    placed_gists: int = 0  # collapses that placed a stored gist (no forward)
     max_pages_held: int = 0
     # decode phase (after the first sampled token), for the no-hidden-recompute check:
     decode_forward_tokens: int = 0  # slots the worker's model forward processed
@@ -58,6 +68,7 @@ class MCStats:
 class MCRequest:
     """Scheduler-side MegaContext state of one request."""
 
+    rid: str
     cfg: MCConfig
     prompt: np.ndarray
     tree: MegaContextTree
@@ -73,6 +84,8 @@ class MCRequest:
     # RoPE position each computed slot holds, by (level, index): compact mode re-rotates
     # slots whose rank changed; debug mode checks them against the working context.
     written: dict[tuple[int, int], int] = field(default_factory=dict)
+    # seal-time gists in the worker's side store: block -> position their K was rotated to
+    sealed_pos: dict[int, int] = field(default_factory=dict)
     last_plan_decode: bool = False
     stats: MCStats = field(default_factory=MCStats)
 
@@ -120,6 +133,8 @@ def slot_position(c: Content | tuple[int, int], mode: str, bases: dict | None) -
     assert bases is not None
     if c[0] == 0:
         return bases[(0, c[1] // K)] + c[1] % K
+    if (c[0], c[1]) not in bases and c[0] == 1:
+        return bases[(0, c[1])]  # a seal-time gist: the rank its block holds now
     return bases[(c[0], c[1])]
 
 
@@ -146,6 +161,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             return super().add_request(request)
         prompt = np.asarray(extra.pop(PROMPT_KEY, None) or request.prompt_token_ids, dtype=np.int64)
         st = MCRequest(
+            rid=request.request_id,
             cfg=cfg,
             prompt=prompt,
             tree=MegaContextTree(embed_dim=0, embed_fn=None, gist_fn=None, gist_levels=cfg.gist_levels),
@@ -190,6 +206,14 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             level = a.node[0]
             if a.op == "collapse" and level == 1:
                 edit = st.layout.collapse_block(a.node[1])
+                if a.node[1] in st.sealed_pos:  # seal-time KV stored: a slot copy, no forward
+                    placed, phys = st.layout.place_gist(a.node[1], self._fresh_page)
+                    self._apply_edit(st, edit.merge(placed))
+                    self._mc_ops.append(("place", st.rid, a.node, phys))
+                    st.written[a.node] = st.sealed_pos[a.node[1]]
+                    st.stats.placed_gists += 1
+                    st.stats.collapses += 1
+                    continue
             elif a.op == "expand" and level == 1:
                 edit, recomputed = st.layout.expand_block(a.node[1], st.block_tokens(a.node[1]))
                 st.stats.recomputed_blocks += recomputed
@@ -292,10 +316,21 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         return out
 
     def _plan(self, st: MCRequest, n: int) -> MCRequestPlan:
-        contents = st.layout.pending[:n]
-        last_in_pending = n == len(st.layout.pending)
+        pend = st.layout.pending
+        if n == len(pend) - 1 and pend[-1][2] == SEAL_TAG:
+            # vLLM split the token from its seal gist: drop the gist (the block falls back
+            # to a collapse-time gist) so the token is sampled now.
+            pend.pop()
+            st.mirror_dirty = True
+        contents = pend[:n]
+        last_in_pending = n == len(pend)
         sample = last_in_pending and not st.ingesting
-        last = contents[-1]
+        offset = 0
+        if contents[-1][2] == SEAL_TAG:
+            offset = -1  # sample from the block's last token, not from its gist
+            if len(contents) < 2:
+                raise RuntimeError("a seal-time gist was scheduled without its token")
+        last = contents[-1 + offset]
         ends_block = last[0] == 0 and (last[1] + 1) % K == 0 and last[1] + 1 == st.tree.num_tokens
         plan = MCRequestPlan(
             tokens=[c[2] if c[0] == 0 else -1 for c in contents],
@@ -304,6 +339,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             sample=sample,
             history=st.history_delta,
             score=list(st.wc.entries) if sample and ends_block else None,
+            sample_offset=offset,
         )
         st.history_delta = []
         st.last_plan_decode = st.outputs_seen > 0
@@ -348,6 +384,13 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             if st is None or request is None or request.is_finished():
                 continue
             t0 = time.perf_counter()
+            popped = st.layout.pop_seal_gist()
+            if popped is not None:
+                edit, block, phys = popped
+                self._mc_ops.append(("save", rid, (1, block), phys))
+                self._apply_edit(st, edit)
+                st.sealed_pos[block] = st.written.pop((1, block))
+                st.stats.seal_gists += 1
             if rid in scores and len(scores[rid]) == len(st.wc.entries):
                 self._refocus(st, scores[rid])
             new = request.output_token_ids[st.outputs_seen :]
@@ -374,6 +417,11 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.wc.grow(st.tree.num_tokens)
         st.history_delta.append(tok)
         st.layout.pending.append(token_slot(hist, tok))
+        if st.cfg.gist_timing == "seal" and (hist + 1) % K == 0:
+            # the block completes with this token: its gist runs right after it, attending
+            # to the block and the past only, then moves to the side store
+            st.layout.pending.append(seal_gist_slot(hist // K))
+            st.mirror_dirty = True  # vLLM must schedule the extra slot too
 
     # ---- preemption / finish -----------------------------------------------------------
 

@@ -106,7 +106,43 @@ def rotate_slots(
         keys[b, :, :, o] = _rotate(sel, delta, rope)
 
 
-def apply_ops(kv_caches: list[torch.Tensor], ops: list[tuple], block_size: int, rope: Rope | None) -> None:
+def _slot_views(kv: torch.Tensor, slot: int, block_size: int) -> tuple[Any, Any]:
+    """Indexers for one slot's K and V in a layer's cache (CPU or flash layout)."""
+    b, o = slot // block_size, slot % block_size
+    if kv.dim() == 5 and kv.shape[0] == 2:
+        return (kv[0], (b, o)), (kv[1], (b, o))
+    nb, h, bs, two_d = kv.shape
+    hd = two_d // 2
+    flat = kv.view(nb, h, 2 * bs * hd)
+    keys = flat[..., : bs * hd].view(nb, h, hd, bs)
+    vals = flat[..., bs * hd :].view(nb, h, bs, hd)
+    return (keys, (b, slice(None), slice(None), o)), (vals, (b, slice(None), o))
+
+
+def save_slot(kv_caches: list[torch.Tensor], slot: int, block_size: int) -> list[torch.Tensor]:
+    """One slot's K and V for every layer, copied out of the cache."""
+    out = []
+    for kv in kv_caches:
+        (kt, ki), (vt, vi) = _slot_views(kv, slot, block_size)
+        out += [kt[ki].clone(), vt[vi].clone()]
+    return out
+
+
+def place_slot(kv_caches: list[torch.Tensor], saved: list[torch.Tensor], slot: int, block_size: int) -> None:
+    for i, kv in enumerate(kv_caches):
+        (kt, ki), (vt, vi) = _slot_views(kv, slot, block_size)
+        kt[ki] = saved[2 * i]
+        vt[vi] = saved[2 * i + 1]
+
+
+def apply_ops(
+    kv_caches: list[torch.Tensor],
+    ops: list[tuple],
+    block_size: int,
+    rope: Rope | None,
+    side_store: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] | None = None,
+) -> None:
+    """Apply the step's KV edits in order (see ``MCStep.ops``)."""
     for op in ops:
         if op[0] == "copy":
             copy_slots(kv_caches, op[1], block_size)
@@ -114,6 +150,12 @@ def apply_ops(kv_caches: list[torch.Tensor], ops: list[tuple], block_size: int, 
             if rope is None:
                 raise RuntimeError("compact positions need the model's rotary embedding")
             rotate_slots(kv_caches, op[1], op[2], block_size, rope)
+        elif op[0] == "save":
+            assert side_store is not None
+            side_store[(op[1], op[2])] = save_slot(kv_caches, op[3], block_size)
+        elif op[0] == "place":
+            assert side_store is not None
+            place_slot(kv_caches, side_store[(op[1], op[2])], op[3], block_size)
         else:
             raise ValueError(f"unknown KV op {op[0]!r}")
 
@@ -143,6 +185,8 @@ class MCWorker:
             else HeuristicScorer()
         )
         self.trees: dict[str, MegaContextTree] = {}
+        # seal-time gist KV per (request, node): 1/32 of the LOD0 KV, outside vLLM's pool
+        self.side_store: dict[tuple[str, tuple[int, int]], list[torch.Tensor]] = {}
         self.cfgs: dict[str, MCConfig] = {}
         self.step: MCStep | None = None
         self.results = MCResults()
@@ -158,6 +202,9 @@ class MCWorker:
         for rid in finished:
             self.trees.pop(rid, None)
             self.cfgs.pop(rid, None)
+        if finished and self.side_store:
+            for key in [k for k in self.side_store if k[0] in finished]:
+                del self.side_store[key]
         self.step = step
         self.results = MCResults()
         if step is None:
@@ -170,7 +217,7 @@ class MCWorker:
                 gist_levels=cfg.gist_levels,
             )
         with torch.no_grad():
-            apply_ops(kv_caches, step.ops, block_size, self.rope)
+            apply_ops(kv_caches, step.ops, block_size, self.rope, self.side_store)
             for rid, plan in step.plans.items():
                 if plan.history:
                     self.trees[rid].append(plan.history)

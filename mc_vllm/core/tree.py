@@ -180,6 +180,12 @@ class MegaContextTree:
 
     def append(self, tokens: Sequence[int] | np.ndarray) -> list[NodeId]:
         """Append tokens; seal completed blocks and gist them. Returns the new gist nodes."""
+        if len(tokens) == 1 and len(self._open) < K - 1:  # decode: one token, no seal
+            t = int(tokens[0])
+            if t < 0:
+                raise ValueError("token ids must be non-negative")
+            self._open.append(t)
+            return []
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if toks.size == 0:
             return []

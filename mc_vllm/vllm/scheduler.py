@@ -86,6 +86,15 @@ class MCRequest:
     written: dict[tuple[int, int], int] = field(default_factory=dict)
     # seal-time gists in the worker's side store: block -> position their K was rotated to
     sealed_pos: dict[int, int] = field(default_factory=dict)
+    edits: int = 0  # bumped by every working-context edit (cache key)
+    _bases: tuple[tuple[int, int], dict] | None = None
+
+    def compact_bases(self) -> dict[tuple[int, int], int]:
+        """Compact-mode entry ranks, cached until the working context changes."""
+        key = (self.edits, len(self.wc.entries))
+        if self._bases is None or self._bases[0] != key:
+            self._bases = (key, compact_bases(self.wc))
+        return self._bases[1]
     last_plan_decode: bool = False
     stats: MCStats = field(default_factory=MCStats)
 
@@ -201,6 +210,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         return self._pool.get_new_blocks(1)[0].block_id
 
     def _apply_actions(self, st: MCRequest, actions: list[Action]) -> None:
+        st.edits += 1
         for a in actions:
             st.wc.apply(a)
             level = a.node[0]
@@ -236,7 +246,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.written = {k: v for k, v in st.written.items() if k in slots}
         if st.cfg.position_mode != "compact" or not st.written:
             return
-        bases = compact_bases(st.wc)
+        bases = st.compact_bases()
         by_delta: dict[int, list[int]] = {}
         for key, old in st.written.items():
             new = slot_position(key, "compact", bases)
@@ -350,13 +360,13 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
 
     def _positions(self, st: MCRequest, contents: list[Content]) -> list[int]:
         mode = st.cfg.position_mode
-        bases = compact_bases(st.wc) if mode == "compact" else None
+        bases = st.compact_bases() if mode == "compact" else None
         return [slot_position(c, mode, bases) for c in contents]
 
     def _check_positions(self, st: MCRequest) -> None:
         """Debug mode: the positions invariant on the slots actually written."""
         mode = st.cfg.position_mode
-        bases = compact_bases(st.wc) if mode == "compact" else None
+        bases = st.compact_bases() if mode == "compact" else None
         for key, pos in st.written.items():
             want = slot_position(key, mode, bases)
             if pos != want:

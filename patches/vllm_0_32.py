@@ -22,6 +22,37 @@ from mc_vllm.vllm.worker import MCWorker, Rope
 _installed = False
 
 
+class KVPages:
+    """The scheduler-side KV bookkeeping MegaContext edits: one request's block table in
+    vLLM's KV cache manager, the block pool, and the request's token list."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        kvm = scheduler.kv_cache_manager
+        self._tables = kvm.coordinator.single_type_managers[0].req_to_blocks
+        self._pool = kvm.block_pool
+
+    def table(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._tables.get(request_id, ())]
+
+    def set_table(self, request_id: str, pages: list[int]) -> None:
+        self._tables[request_id] = [self._pool.blocks[p] for p in pages]
+
+    def allocate(self) -> int:
+        return self._pool.get_new_blocks(1)[0].block_id
+
+    def free(self, pages: list[int]) -> None:
+        if pages:
+            self._pool.free_blocks([self._pool.blocks[p] for p in pages])
+
+    def num_free(self) -> int:
+        return self._pool.get_num_free_blocks()
+
+    @staticmethod
+    def set_tokens(request: Any, token_ids: list[int]) -> None:
+        """Replace the request's token list in place (vLLM holds views of the list)."""
+        request._all_token_ids[:] = token_ids
+
+
 def _mc_worker(runner: GPUModelRunner) -> MCWorker:
     w = getattr(runner, "_mc_worker", None)
     if w is None:

@@ -74,7 +74,7 @@ def test_long_prompt_bounded_pages_and_invariants(mc_llm, timing):
     w = 512
     (p,) = prompts((16 * w,), seed=3)
     sched = mc_llm.scheduler()
-    free0 = sched._pool.get_num_free_blocks()
+    free0 = sched.pages.num_free()
     mc_llm.add_request("long", {"prompt_token_ids": p},
                        mc_params(64, mc_w_max=w, mc_gist_timing=timing))
     rid = None
@@ -86,7 +86,7 @@ def test_long_prompt_bounded_pages_and_invariants(mc_llm, timing):
         rid = rid or scheduler_id(sched, "long")
         if rid not in sched.mc:
             return
-        used = free0 - sched._pool.get_num_free_blocks()
+        used = free0 - sched.pages.num_free()
         assert used == len(pages_of(sched, rid)), "pool and layout disagree"
         assert used <= bound, (used, bound)
         st = sched.mc[rid]
@@ -97,7 +97,7 @@ def test_long_prompt_bounded_pages_and_invariants(mc_llm, timing):
     outs = run_steps(mc_llm, check)
     assert len(outs["long"]) == 64
     assert seen["steps"] > 16 and seen["max_used"] > 8
-    assert sched._pool.get_num_free_blocks() == free0
+    assert sched.pages.num_free() == free0
 
 
 @pytest.mark.parametrize("timing", ["collapse", "seal"])
@@ -139,7 +139,7 @@ def test_no_hidden_recompute_during_decode(mc_llm, timing):
 def test_concurrent_requests_are_isolated(mc_llm):
     ps = prompts((1500, 1800, 2100, 2400, 2700, 3000, 2200, 1600), seed=5)
     sched = mc_llm.scheduler()
-    free0 = sched._pool.get_num_free_blocks()
+    free0 = sched.pages.num_free()
     for i, p in enumerate(ps):
         mc_llm.add_request(f"c{i}", {"prompt_token_ids": p}, mc_params(40, mc_w_max=512))
 
@@ -151,7 +151,7 @@ def test_concurrent_requests_are_isolated(mc_llm):
                 owners[page] = rid
 
     together = run_steps(mc_llm, disjoint)
-    assert sched._pool.get_num_free_blocks() == free0
+    assert sched.pages.num_free() == free0
     alone = {}
     for i in (0, 5):
         mc_llm.add_request(f"a{i}", {"prompt_token_ids": ps[i]}, mc_params(40, mc_w_max=512))
@@ -164,7 +164,7 @@ def test_concurrent_requests_are_isolated(mc_llm):
 def test_abort_returns_every_page(mc_llm, phase):
     (p,) = prompts((5000,), seed=6)
     sched = mc_llm.scheduler()
-    free0 = sched._pool.get_num_free_blocks()
+    free0 = sched.pages.num_free()
     mc_llm.add_request("ab", {"prompt_token_ids": p}, mc_params(200, mc_w_max=512))
     rid = None
     for _ in range(500):
@@ -175,12 +175,12 @@ def test_abort_returns_every_page(mc_llm, phase):
             phase == "decode" and st.outputs_seen > 10
         ):
             break
-    assert free0 - sched._pool.get_num_free_blocks() > 0
+    assert free0 - sched.pages.num_free() > 0
     mc_llm.abort(["ab"])
     run_steps(mc_llm)
     mc_llm.step()  # the abort is processed on the next engine step
     assert rid not in sched.mc
-    assert sched._pool.get_num_free_blocks() == free0
+    assert sched.pages.num_free() == free0
 
 
 @pytest.mark.parametrize("mode", ["absolute", "compact"])
@@ -317,16 +317,16 @@ def test_slot_copy_matches_the_cpu_kv_layout(mc_llm, tiny_model_dir):
         cos, sin = hf.model.rotary_emb(x, torch.arange(32)[None])
         k = apply_rotary_pos_emb(k, k, cos, sin)[1][0]  # [heads, tokens, hd]
     kv = runner(mc_llm).kv_caches
-    free = sched._pool.get_new_blocks(1)[0]  # a scratch page nobody else uses
+    free = sched.pages.allocate()  # a scratch page nobody else uses
     try:
-        copy_slots(kv, [(page * 32 + 5, free.block_id * 32 + 7)], 32)
-        blk = kv[0][free.block_id].reshape(k.shape[0], -1)
+        copy_slots(kv, [(page * 32 + 5, free * 32 + 7)], 32)
+        blk = kv[0][free].reshape(k.shape[0], -1)
         keys = blk[:, : 32 * hd].view(-1, hd, 32)
         vals = blk[:, 32 * hd :].view(-1, 32, hd)
         torch.testing.assert_close(keys[:, :, 7], k[:, 5], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(vals[:, 7], v[:, 5], atol=1e-4, rtol=1e-4)
     finally:
-        sched._pool.free_blocks([free])
+        sched.pages.free([free])
     run_steps(mc_llm)
 
 
@@ -338,7 +338,7 @@ def test_preemption_recomputes_the_working_context(mc_llm):
 
     (p,) = prompts((4000,), seed=10)
     sched = mc_llm.scheduler()
-    free0 = sched._pool.get_num_free_blocks()
+    free0 = sched.pages.num_free()
     mc_llm.add_request("pre", {"prompt_token_ids": p}, mc_params(60, mc_w_max=512))
     state = {"done": False, "rid": None}
 
@@ -354,4 +354,4 @@ def test_preemption_recomputes_the_working_context(mc_llm):
 
     outs = run_steps(mc_llm, maybe_preempt)
     assert state["done"] and len(outs["pre"]) == 60
-    assert sched._pool.get_num_free_blocks() == free0
+    assert sched.pages.num_free() == free0

@@ -46,6 +46,6 @@ def runner(llm: Any) -> Any:
 
 def pages_of(sched: Any, rid: str) -> list[int]:
     """Every page the request holds: its block table plus its retained tier."""
-    table = [b.block_id for b in sched._mgr.req_to_blocks.get(rid, [])]
+    table = sched.pages.table(rid)
     st = sched.mc.get(rid)
     return table + (list(st.layout.retained.values()) if st else [])

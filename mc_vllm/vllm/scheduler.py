@@ -10,7 +10,6 @@ we record sampled tokens in the history and run the Focus Allocator on LensNet's
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,12 +35,11 @@ from .options import PROMPT_KEY, EngineOptions, request_options
 from .records import MCRequestPlan, MCResults, MCStep
 
 K = BLOCK_SIZE
-log = logging.getLogger(__name__)
 Scheduler = patches().Scheduler
 
 
 @dataclass
-class MCStats:
+class MCRequestStats:
     refocuses: int = 0
     expands: int = 0
     collapses: int = 0
@@ -87,7 +85,9 @@ class MCRequest:
     # seal-time gists in the worker's side store: block -> position their K was rotated to
     sealed_pos: dict[int, int] = field(default_factory=dict)
     edits: int = 0  # bumped by every working-context edit (cache key)
-    _bases: tuple[tuple[int, int], dict] | None = None
+    last_plan_decode: bool = False
+    stats: MCRequestStats = field(default_factory=lambda: MCRequestStats())
+    _bases: tuple[tuple[int, int], dict] | None = field(default=None, repr=False)
 
     def compact_bases(self) -> dict[tuple[int, int], int]:
         """Compact-mode entry ranks, cached until the working context changes."""
@@ -95,8 +95,6 @@ class MCRequest:
         if self._bases is None or self._bases[0] != key:
             self._bases = (key, compact_bases(self.wc))
         return self._bases[1]
-    last_plan_decode: bool = False
-    stats: MCStats = field(default_factory=MCStats)
 
     @property
     def ingesting(self) -> bool:
@@ -114,7 +112,7 @@ class MCSummary:
     wc_entries_by_level: dict[int, int]
     wc_cost: int
     w_max: int
-    stats: MCStats
+    stats: MCRequestStats
 
     def summary(self) -> str:
         levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(self.wc_entries_by_level.items()))
@@ -157,8 +155,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         self.finished_summaries: OrderedDict[str, MCSummary] = OrderedDict()  # bounded
         self._mc_ops: list[tuple] = []
         self._mc_new_configs: dict[str, dict] = {}
-        self._mgr = self.kv_cache_manager.coordinator.single_type_managers[0]
-        self._pool = self.kv_cache_manager.block_pool
+        self.pages = patches().KVPages(self)
 
     # ---- admission ---------------------------------------------------------------------
 
@@ -190,24 +187,21 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         if not st.mirror_dirty:
             return  # vLLM's own appends kept it in step
         st.mirror_dirty = False
-        request._all_token_ids[:] = st.layout.mirror(st.block_tokens)
+        self.pages.set_tokens(request, st.layout.mirror(st.block_tokens))
         request.num_computed_tokens = st.layout.num_computed
         if st.layout.num_computed or st.layout.tail_pages or st.layout.lod0:
-            self._mgr.req_to_blocks[request.request_id] = [
-                self._pool.blocks[p] for p in st.layout.table()
-            ]
+            self.pages.set_table(request.request_id, st.layout.table())
 
     def _apply_edit(self, st: MCRequest, edit: Edit) -> None:
         if edit.copies:
             self._mc_ops.append(("copy", edit.copies))
         st.mirror_dirty = True
         st.stats.slot_copies += len(edit.copies)
-        if edit.freed:
-            self._pool.free_blocks([self._pool.blocks[p] for p in edit.freed])
+        self.pages.free(edit.freed)
         st.table_dirty |= edit.table_changed
 
     def _fresh_page(self) -> int:
-        return self._pool.get_new_blocks(1)[0].block_id
+        return self.pages.allocate()
 
     def _apply_actions(self, st: MCRequest, actions: list[Action]) -> None:
         st.edits += 1
@@ -259,7 +253,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
 
     def _seal_ready_blocks(self, st: MCRequest) -> None:
         for b in st.layout.sealable_blocks():
-            if self._pool.get_num_free_blocks() < 1:
+            if self.pages.num_free() < 1:
                 return  # no page to seal into this step; the tail keeps the tokens
             self._apply_edit(st, st.layout.seal(b, self._fresh_page))
             st.stats.seals += 1
@@ -308,7 +302,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             if st is None:
                 continue
             lay = st.layout
-            table = [b.block_id for b in self._mgr.req_to_blocks[rid]]
+            table = self.pages.table(rid)
             lay.tail_pages = table[len(lay.lod0) :]
             plan = step.plans[rid] = self._plan(st, n)
             for c, pos in zip(lay.pending[:n], plan.positions, strict=True):
@@ -440,7 +434,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st = self.mc.get(request.request_id)
         if st is not None:
             freed = st.layout.reset_after_preemption(st.block_tokens)
-            self._pool.free_blocks([self._pool.blocks[p] for p in freed])
+            self.pages.free(freed)
             st.table_dirty = False
             st.mirror_dirty = True
             st.written.clear()
@@ -450,7 +444,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st = self.mc.pop(request.request_id, None)
         if st is not None:
             freed = st.layout.release_all()
-            self._pool.free_blocks([self._pool.blocks[p] for p in freed])
+            self.pages.free(freed)
             self.finished_summaries[request.request_id] = MCSummary(
                 st.tree.num_tokens, st.wc.count_by_level(), st.wc.cost, st.cfg.w_max, st.stats
             )
@@ -466,7 +460,3 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             trial.apply(a)
         check_invariants(trial, top_level=st.cfg.top_level)
         st.queued += actions
-
-    def mc_stats(self, request_id: str) -> MCStats | None:
-        st = self.mc.get(request_id)
-        return st.stats if st is not None else None

@@ -7,7 +7,7 @@ import math
 import pytest
 from vllm import SamplingParams
 
-from mc_vllm.core.working_context import Action, check_invariants
+from mc_vllm.core.working_context import Action, InvariantError, check_invariants
 
 from .vllm_support import (
     RETAINED_CAP,
@@ -282,6 +282,12 @@ def test_compact_mode_rerotates_shifted_keys(mc_llm, tiny_model_dir):
     keys = blk[:, : 32 * hd].view(-1, hd, 32).transpose(1, 2)  # [heads, slot, hd]
     torch.testing.assert_close(keys, k, atol=1e-4, rtol=1e-4)
     assert st.written[(0, 160)] == 160 - 31
+    sched._check_positions(st)  # the debug-mode check passes on the real state ...
+    st.written[(0, 160)] += 1
+    with pytest.raises(InvariantError) as e:  # ... and catches a slot left unrotated
+        sched._check_positions(st)
+    assert e.value.invariant == "positions"
+    st.written[(0, 160)] -= 1
     run_steps(mc_llm)
 
 

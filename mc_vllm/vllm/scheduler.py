@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.allocator import FocusAllocator, ingest_room, recency_scores
 from ..core.config import BLOCK_SIZE, MCConfig
-from ..core.tree import MegaContextTree
+from ..core.tree import MegaContextTree, node_start
 from ..core.working_context import Action, WorkingContext, check_invariants
 from .compat import patches
 from .layout import (
@@ -358,16 +358,15 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         return [slot_position(c, mode, bases) for c in contents]
 
     def _check_positions(self, st: MCRequest) -> None:
-        """Debug mode: the positions invariant on the slots actually written."""
+        """Debug mode: the working-context invariants, positions included, on the positions
+        the slots actually hold (slots not computed yet count as prescribed)."""
         mode = st.cfg.position_mode
         bases = st.compact_bases() if mode == "compact" else None
-        for key, pos in st.written.items():
-            want = slot_position(key, mode, bases)
-            if pos != want:
-                raise AssertionError(
-                    f"working-context invariant 'positions' violated: slot {key} holds "
-                    f"position {pos}, {mode} mode prescribes {want}"
-                )
+        actual: list[int] = []
+        for e, n in zip(st.wc.entries, st.wc.entry_lengths(), strict=True):
+            keys = [(0, node_start(e) + j) for j in range(n)] if e[0] == 0 else [e]
+            actual += [st.written.get(k, slot_position(k, mode, bases)) for k in keys]
+        check_invariants(st.wc, mode=mode, positions=actual, top_level=st.cfg.top_level)
 
     # ---- outputs -----------------------------------------------------------------------
 

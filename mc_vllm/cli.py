@@ -122,6 +122,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_generate(args, demo_text())
 
 
+def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The OpenAI API server command line with what MegaContext needs."""
+    mc = {"w_max": args.w_max, "position_mode": args.position_mode}
+    if args.gistnet:
+        mc["gistnet"] = args.gistnet
+    if args.lensnet:
+        mc["lensnet"] = args.lensnet
+    max_len = args.max_model_len or args.w_max + 128
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+            "--scheduler-cls", "mc_vllm.vllm.scheduler.MCScheduler", "--block-size", "32",
+            "--no-enable-prefix-caching", "--max-model-len", str(max_len),
+            "--additional-config", json.dumps({"megacontext": mc}), *extra]
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    import os
+
+    argv = serve_argv(args, extra)
+    print("[mc-vllm] " + " ".join(argv[1:]), flush=True)
+    os.execv(argv[0], argv)  # the server replaces this process (signals reach it directly)
+    return 0  # not reached
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
 
@@ -147,14 +170,27 @@ def main(argv: list[str] | None = None) -> int:
     _add_mc_options(p)
     p.set_defaults(fn=cmd_generate)
 
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible vLLM server with MegaContext (extra args go to vLLM)"
+    )
+    p.add_argument("model")
+    p.add_argument("--w-max", type=int, default=4096, help="default W_max of MC requests")
+    p.add_argument("--position-mode", choices=["compact", "absolute"], default="compact")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: W_max + 128")
+    p.add_argument("--gistnet")
+    p.add_argument("--lensnet")
+    p.set_defaults(fn=cmd_serve, passthrough=True)
+
     p = sub.add_parser("make-tiny-model", help="write the deterministic tiny Llama checkpoint")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))
     p.add_argument("--force", action="store_true")
     p.set_defaults(fn=cmd_make_tiny_model)
 
-    args = ap.parse_args(argv)
+    args, extra = ap.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.fn(args)
+        return args.fn(args, extra) if getattr(args, "passthrough", False) else args.fn(args)
     except (ValueError, FileNotFoundError) as e:  # config / input errors: one clear line
         print(f"mc-vllm: error: {e}", file=sys.stderr)
         return 2

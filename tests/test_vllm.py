@@ -260,7 +260,7 @@ def test_compact_mode_rerotates_shifted_keys(mc_llm, tiny_model_dir):
 
     (p,) = prompts((300,), seed=9)
     sched = mc_llm.scheduler()
-    mc_llm.add_request("rot", {"prompt_token_ids": p}, mc_params(8, mc_position_mode="compact"))
+    mc_llm.add_request("rot", {"prompt_token_ids": p}, mc_params(12, mc_position_mode="compact"))
     mc_llm.step()
     mc_llm.step()
     rid = scheduler_id(sched, "rot")
@@ -288,6 +288,23 @@ def test_compact_mode_rerotates_shifted_keys(mc_llm, tiny_model_dir):
         sched._check_positions(st)
     assert e.value.invariant == "positions"
     st.written[(0, 160)] -= 1
+
+    # A retained page re-enters after other edits moved its rank: collapse block 5 (page
+    # kept), collapse block 1 (shifts later ranks by -31), expand block 5 again.
+    sched.queue_actions(rid, [Action("collapse", (1, 5))])
+    mc_llm.step()
+    sched.queue_actions(rid, [Action("collapse", (1, 1)), Action("expand", (1, 5))])
+    mc_llm.step()
+    assert dict(st.layout.lod0)[5] == page  # the same page came back, no recompute
+    with torch.no_grad():
+        pos = torch.arange(160 - 62, 192 - 62)[None]
+        cos, sin = hf.model.rotary_emb(x, pos)
+        k2 = attn.k_proj(x).view(1, 32, -1, hd).transpose(1, 2)
+        k2 = apply_rotary_pos_emb(k2, k2, cos, sin)[1][0]
+    blk = runner(mc_llm).kv_caches[0][page].reshape(k.shape[0], -1)
+    keys = blk[:, : 32 * hd].view(-1, hd, 32).transpose(1, 2)
+    torch.testing.assert_close(keys, k2, atol=1e-4, rtol=1e-4)
+    sched._check_positions(st)
     run_steps(mc_llm)
 
 

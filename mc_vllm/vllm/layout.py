@@ -188,8 +188,11 @@ class KVLayout:
         """LOD0 page leaves the table (to the retained tier); its gist becomes pending."""
         i = next((i for i, (b, _) in enumerate(self.lod0) if b == block), None)
         if i is None:
-            # Not sealed into a page yet (its tokens are still in the tail or pending).
-            edit = self.remove_where(lambda c: c[0] == 0 and c[1] // K == block)
+            # Not sealed into a page yet (its tokens are still in the tail or pending; so may
+            # be its seal-time gist slot).
+            edit = self.remove_where(
+                lambda c: (c[0] == 0 and c[1] // K == block) or (c[2] == SEAL_TAG and c[1] == block)
+            )
         else:
             edit = Edit(table_changed=True)
             _, page = self.lod0.pop(i)

@@ -20,7 +20,7 @@ import numpy as np
 from ..core.allocator import FocusAllocator, ingest_room, recency_scores
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree, node_start
-from ..core.working_context import Action, WorkingContext, check_invariants
+from ..core.working_context import Action, InvariantError, WorkingContext, check_invariants
 from .compat import patches
 from .layout import (
     SEAL_TAG,
@@ -84,6 +84,9 @@ class MCRequest:
     written: dict[tuple[int, int], int] = field(default_factory=dict)
     # seal-time gists in the worker's side store: block -> position their K was rotated to
     sealed_pos: dict[int, int] = field(default_factory=dict)
+    # positions held by the slots of pages in the retained tier (restored on expand, so
+    # compact mode re-rotates them by whatever shift happened while they were out)
+    retained_pos: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
     edits: int = 0  # bumped by every working-context edit (cache key)
     last_plan_decode: bool = False
     stats: MCRequestStats = field(default_factory=lambda: MCRequestStats())
@@ -189,8 +192,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.mirror_dirty = False
         self.pages.set_tokens(request, st.layout.mirror(st.block_tokens))
         request.num_computed_tokens = st.layout.num_computed
-        if st.layout.num_computed or st.layout.tail_pages or st.layout.lod0:
-            self.pages.set_table(request.request_id, st.layout.table())
+        self.pages.set_table(request.request_id, st.layout.table())
 
     def _apply_edit(self, st: MCRequest, edit: Edit) -> None:
         if edit.copies:
@@ -209,8 +211,17 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             st.wc.apply(a)
             level = a.node[0]
             if a.op == "collapse" and level == 1:
-                edit = st.layout.collapse_block(a.node[1])
-                if a.node[1] in st.sealed_pos:  # seal-time KV stored: a slot copy, no forward
+                b = a.node[1]
+                keys = [(0, b * K + j) for j in range(K)]
+                if all(k in st.written for k in keys):
+                    st.retained_pos[b] = {k: st.written[k] for k in keys}
+                edit = st.layout.collapse_block(b)
+                st.retained_pos = {
+                    r: v for r, v in st.retained_pos.items() if r in st.layout.retained
+                }
+                lay = st.layout
+                room = len(lay.tail) < K * len(lay.tail_pages) or self.pages.num_free() > 0
+                if b in st.sealed_pos and room:  # seal-time KV stored: a slot copy, no forward
                     placed, phys = st.layout.place_gist(a.node[1], self._fresh_page)
                     self._apply_edit(st, edit.merge(placed))
                     self._mc_ops.append(("place", st.rid, a.node, phys))
@@ -220,6 +231,9 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                     continue
             elif a.op == "expand" and level == 1:
                 edit, recomputed = st.layout.expand_block(a.node[1], st.block_tokens(a.node[1]))
+                restored = st.retained_pos.pop(a.node[1], {})
+                if not recomputed:
+                    st.written.update(restored)
                 st.stats.recomputed_blocks += recomputed
                 if st.outputs_seen:
                     st.stats.decode_recomputed_blocks += recomputed
@@ -362,10 +376,14 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         the slots actually hold (slots not computed yet count as prescribed)."""
         mode = st.cfg.position_mode
         bases = st.compact_bases() if mode == "compact" else None
+        computed = st.layout.computed_slots()
         actual: list[int] = []
         for e, n in zip(st.wc.entries, st.wc.entry_lengths(), strict=True):
             keys = [(0, node_start(e) + j) for j in range(n)] if e[0] == 0 else [e]
-            actual += [st.written.get(k, slot_position(k, mode, bases)) for k in keys]
+            for k in keys:
+                if k in computed and k not in st.written:
+                    raise InvariantError("positions", f"computed slot {k} has no recorded position")
+                actual.append(st.written.get(k, slot_position(k, mode, bases)))
         check_invariants(st.wc, mode=mode, positions=actual, top_level=st.cfg.top_level)
 
     # ---- outputs -----------------------------------------------------------------------
@@ -437,11 +455,18 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             st.table_dirty = False
             st.mirror_dirty = True
             st.written.clear()
+            st.retained_pos.clear()
 
     def _free_blocks(self, request: Any) -> None:
         super()._free_blocks(request)
-        st = self.mc.pop(request.request_id, None)
+        rid = request.request_id
+        st = self.mc.pop(rid, None)
         if st is not None:
+            # its queued side-store ops and options must not reach the worker after it forgot
+            # the request (page copies/rotations are harmless: ops run before any forward)
+            self._mc_ops = [op for op in self._mc_ops
+                            if not (op[0] in ("save", "place") and op[1] == rid)]
+            self._mc_new_configs.pop(rid, None)
             freed = st.layout.release_all()
             self.pages.free(freed)
             self.finished_summaries[request.request_id] = MCSummary(

@@ -199,14 +199,17 @@ class MCWorker:
     ) -> None:
         """Before the forward: forget finished requests, copy slots, extend histories."""
         t0 = time.perf_counter()
+        self.step = step
+        self.results = MCResults()
+        if step is not None:  # ops first: they were planned while those requests lived
+            with torch.no_grad():
+                apply_ops(kv_caches, step.ops, block_size, self.rope, self.side_store)
         for rid in finished:
             self.trees.pop(rid, None)
             self.cfgs.pop(rid, None)
         if finished and self.side_store:
             for key in [k for k in self.side_store if k[0] in finished]:
                 del self.side_store[key]
-        self.step = step
-        self.results = MCResults()
         if step is None:
             return
         for rid, raw in step.configs.items():
@@ -217,7 +220,6 @@ class MCWorker:
                 gist_levels=cfg.gist_levels,
             )
         with torch.no_grad():
-            apply_ops(kv_caches, step.ops, block_size, self.rope, self.side_store)
             for rid, plan in step.plans.items():
                 if plan.history:
                     self.trees[rid].append(plan.history)

@@ -133,7 +133,8 @@ def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
             "--scheduler-cls", "mc_vllm.vllm.scheduler.MCScheduler", "--block-size", "32",
             "--no-enable-prefix-caching", "--max-model-len", str(max_len),
-            "--additional-config", json.dumps({"megacontext": mc}), *extra]
+            "--additional-config", json.dumps({"megacontext": mc}),
+            *([] if "--no-enforce-eager" in extra else ["--enforce-eager"]), *extra]
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:

@@ -42,6 +42,9 @@ class MegaContextLLM:
         additional["megacontext"] = dict(megacontext or {})
         w_max = self.options.defaults.w_max
         kwargs.setdefault("max_model_len", w_max + 4 * BLOCK_SIZE)
+        # The forward hook feeds injected embeddings; graph capture / compile traced on the
+        # token-id path is unchecked with that, so eager is the default until it is.
+        kwargs.setdefault("enforce_eager", True)
         if kwargs.get("block_size", BLOCK_SIZE) != BLOCK_SIZE:
             raise ValueError(f"MegaContext needs block_size={BLOCK_SIZE} (one LOD0 block per page)")
         self.llm = LLM(

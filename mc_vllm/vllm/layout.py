@@ -122,9 +122,7 @@ class KVLayout:
             lod0_contents += [token_slot(b * K + j, t) for j, t in enumerate(block_tokens(b))]
         self.pending = lod0_contents + self.tail + self.pending
         self.lod0, self.tail, self.tail_pages = [], [], []
-        freed = list(self.retained.values())
-        self.retained.clear()
-        return freed
+        return self.release_all()
 
     # ---- edits -------------------------------------------------------------------------
 

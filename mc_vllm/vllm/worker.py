@@ -35,31 +35,37 @@ def _runs(copies: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
     return [r for r in runs if r]
 
 
-def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], block_size: int) -> None:
-    """Copy whole KV slots (every layer, K and V), with the semantics of doing them in order.
+def kv_views(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cache as K and V views indexed [block, offset, kv_head, head_dim].
 
-    CPU attention layout per layer: [num_blocks, kv_heads, block_size, 2 * head_dim] where
-    each (block, head) holds K transposed, [head_dim, block_size], then V, [block_size,
-    head_dim] (checked against the model's own K/V: tests/test_vllm.py). FlashAttention
-    layout: [2, num_blocks, block_size, kv_heads, head_dim].
+    The one place that knows the layouts. CPU attention: [num_blocks, kv_heads, block_size,
+    2 * head_dim] where each (block, head) holds K transposed, [head_dim, block_size], then
+    V, [block_size, head_dim] (checked against the model's own K/V: tests/test_vllm.py).
+    FlashAttention: [2, num_blocks, block_size, kv_heads, head_dim].
     """
+    if kv.dim() == 5 and kv.shape[0] == 2:
+        return kv[0], kv[1]
+    nb, h, bs, two_d = kv.shape
+    hd = two_d // 2
+    flat = kv.view(nb, h, 2 * bs * hd)
+    keys = flat[..., : bs * hd].view(nb, h, hd, bs).permute(0, 3, 1, 2)
+    vals = flat[..., bs * hd :].view(nb, h, bs, hd).permute(0, 2, 1, 3)
+    return keys, vals
+
+
+def _split(slots: list[int], block_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return (torch.tensor([s // block_size for s in slots], device=device),
+            torch.tensor([s % block_size for s in slots], device=device))
+
+
+def copy_slots(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]], block_size: int) -> None:
+    """Copy whole KV slots (every layer, K and V), with the semantics of doing them in order."""
     for run in _runs(copies):
-        sb = torch.tensor([s // block_size for s, _ in run])
-        so = torch.tensor([s % block_size for s, _ in run])
-        db = torch.tensor([d // block_size for _, d in run])
-        do = torch.tensor([d % block_size for _, d in run])
         for kv in kv_caches:
-            if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
-                dev = kv.device
-                kv[:, db.to(dev), do.to(dev)] = kv[:, sb.to(dev), so.to(dev)]
-                continue
-            nb, h, bs, two_d = kv.shape
-            hd = two_d // 2
-            flat = kv.view(nb, h, 2 * bs * hd)
-            keys = flat[..., : bs * hd].view(nb, h, hd, bs)
-            vals = flat[..., bs * hd :].view(nb, h, bs, hd)
-            keys[db, :, :, do] = keys[sb, :, :, so]
-            vals[db, :, do] = vals[sb, :, so]
+            sb, so = _split([s for s, _ in run], block_size, kv.device)
+            db, do = _split([d for _, d in run], block_size, kv.device)
+            for t in kv_views(kv):
+                t[db, do] = t[sb, so]
 
 
 @dataclass
@@ -91,48 +97,23 @@ def rotate_slots(
     kv_caches: list[torch.Tensor], delta: int, slots: list[int], block_size: int, rope: Rope
 ) -> None:
     """Re-rotate the cached K of ``slots`` by ``delta`` positions (V has no position)."""
-    b = torch.tensor([s // block_size for s in slots])
-    o = torch.tensor([s % block_size for s in slots])
     for kv in kv_caches:
-        if kv.dim() == 5 and kv.shape[0] == 2:  # flash: [2, nb, bs, h, d]
-            dev = kv.device
-            bi, oi = b.to(dev), o.to(dev)
-            kv[0, bi, oi] = _rotate(kv[0, bi, oi], delta, rope)
-            continue
-        nb, h, bs, two_d = kv.shape
-        hd = two_d // 2
-        keys = kv.view(nb, h, 2 * bs * hd)[..., : bs * hd].view(nb, h, hd, bs)
-        sel = keys[b, :, :, o]  # [n, h, hd]
-        keys[b, :, :, o] = _rotate(sel, delta, rope)
-
-
-def _slot_views(kv: torch.Tensor, slot: int, block_size: int) -> tuple[Any, Any]:
-    """Indexers for one slot's K and V in a layer's cache (CPU or flash layout)."""
-    b, o = slot // block_size, slot % block_size
-    if kv.dim() == 5 and kv.shape[0] == 2:
-        return (kv[0], (b, o)), (kv[1], (b, o))
-    nb, h, bs, two_d = kv.shape
-    hd = two_d // 2
-    flat = kv.view(nb, h, 2 * bs * hd)
-    keys = flat[..., : bs * hd].view(nb, h, hd, bs)
-    vals = flat[..., bs * hd :].view(nb, h, bs, hd)
-    return (keys, (b, slice(None), slice(None), o)), (vals, (b, slice(None), o))
+        b, o = _split(slots, block_size, kv.device)
+        keys, _ = kv_views(kv)
+        keys[b, o] = _rotate(keys[b, o], delta, rope)
 
 
 def save_slot(kv_caches: list[torch.Tensor], slot: int, block_size: int) -> list[torch.Tensor]:
     """One slot's K and V for every layer, copied out of the cache."""
-    out = []
-    for kv in kv_caches:
-        (kt, ki), (vt, vi) = _slot_views(kv, slot, block_size)
-        out += [kt[ki].clone(), vt[vi].clone()]
-    return out
+    b, o = slot // block_size, slot % block_size
+    return [t[b, o].clone() for kv in kv_caches for t in kv_views(kv)]
 
 
 def place_slot(kv_caches: list[torch.Tensor], saved: list[torch.Tensor], slot: int, block_size: int) -> None:
-    for i, kv in enumerate(kv_caches):
-        (kt, ki), (vt, vi) = _slot_views(kv, slot, block_size)
-        kt[ki] = saved[2 * i]
-        vt[vi] = saved[2 * i + 1]
+    b, o = slot // block_size, slot % block_size
+    views = [t for kv in kv_caches for t in kv_views(kv)]
+    for t, x in zip(views, saved, strict=True):
+        t[b, o] = x
 
 
 def apply_ops(

@@ -39,7 +39,7 @@ class MegaContextLLM:
         self._mc_raw = dict(megacontext or {})
         self.options = EngineOptions.from_additional_config({"megacontext": self._mc_raw})
         additional = dict(kwargs.pop("additional_config", None) or {})
-        additional["megacontext"] = dict(megacontext or {})
+        additional["megacontext"] = self._mc_raw
         w_max = self.options.defaults.w_max
         kwargs.setdefault("max_model_len", w_max + 4 * BLOCK_SIZE)
         # The forward hook feeds injected embeddings; graph capture / compile traced on the
@@ -90,10 +90,11 @@ class MegaContextLLM:
         # vLLM sees a 1-token stub; the scheduler takes the history from extra_args.
         return {"prompt_token_ids": ids[:1]}, sp, ids
 
-    def add_request(self, request_id: str, prompt: Any, sp: Any, *, megacontext: bool = False) -> None:
-        """Step-wise use (with :meth:`step`), like ``LLMEngine.add_request``."""
+    def add_request(self, request_id: str, prompt: Any, sp: Any, *, megacontext: bool = False) -> str:
+        """Step-wise use (with :meth:`step`), like ``LLMEngine.add_request``. Returns the
+        engine's internal request id (the scheduler's key)."""
         vp, vsp, _ = self.prepare(prompt, sp, megacontext)
-        self.llm.llm_engine.add_request(request_id, vp, vsp)
+        return self.llm.llm_engine.add_request(request_id, vp, vsp)
 
     def step(self) -> list[Any]:
         return self.llm.llm_engine.step()
@@ -149,8 +150,10 @@ class MegaContextLLM:
         base = f"mc{id(self):x}-{self._batch}"
         self._batch += 1
         ids = [f"{base}-{i}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, sps, strict=True):
-            self.llm.llm_engine.add_request(rid, p, sp)
+        internal = {
+            rid: self.llm.llm_engine.add_request(rid, p, sp)
+            for rid, p, sp in zip(ids, prompts, sps, strict=True)
+        }
         total = sum(len(f) for f in full_ids if f is not None) + sum(
             (sp.max_tokens or 0) for sp in sps
         )
@@ -163,19 +166,15 @@ class MegaContextLLM:
                 latest[o.request_id] = len(o.outputs[0].token_ids)
                 if o.finished:
                     done[o.request_id] = o
-            ingested = {rid: st.fed for rid, st in sched.mc.items()}
-            bar.n = sum(latest.values()) + sum(
-                plen[r] if r in latest else next((v for k, v in ingested.items()
-                                                  if k == r or k.startswith(r + "-")), 0)
-                for r in ids
-            )
+            # prompt tokens count once ingested: all of them after the first output
+            fed = (plen[r] if r in latest else getattr(sched.mc.get(internal[r]), "fed", 0)
+                   for r in ids)
+            bar.n = sum(latest.values()) + sum(fed)
             bar.refresh()
         bar.close()
         outs = [done[rid] for rid in ids]
-        for o in outs:
-            key = next((k for k in sched.finished_summaries
-                        if k == o.request_id or k.startswith(o.request_id + "-")), None)
-            o.mc_summary = sched.finished_summaries.pop(key) if key is not None else None
+        for rid, o in zip(ids, outs, strict=True):
+            o.mc_summary = sched.finished_summaries.pop(internal[rid], None)
         return outs
 
     # ---- introspection (in-process engine core only: VLLM_ENABLE_V1_MULTIPROCESSING=0) ----

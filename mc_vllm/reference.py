@@ -19,7 +19,7 @@ from .core.config import BLOCK_SIZE, MCConfig
 from .core.gistnet import MeanPoolGist
 from .core.lensnet import HeuristicScorer, Scorer
 from .core.tree import GistFn, MegaContextTree
-from .core.working_context import Action, WorkingContext, check_invariants
+from .core.working_context import Action, WorkingContext, check_invariants, describe
 
 K = BLOCK_SIZE
 
@@ -38,12 +38,8 @@ class MCStats:
     actions: list[list[Action]] = field(default_factory=list)  # per refocus
 
     def summary(self) -> str:
-        levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(self.wc_entries_by_level.items()))
-        return (
-            f"history={self.history_len} tokens | working context {self.wc_cost}/{self.w_max} "
-            f"token-equivalents ({levels}) | refocuses={self.refocuses} "
-            f"expands={self.expands} collapses={self.collapses}"
-        )
+        wc = describe(self.history_len, self.wc_entries_by_level, self.wc_cost, self.w_max)
+        return f"{wc} | refocuses={self.refocuses} expands={self.expands} collapses={self.collapses}"
 
 
 @dataclass

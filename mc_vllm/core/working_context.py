@@ -123,6 +123,14 @@ class WorkingContext:
             for e in self.entries
         ]
 
+    def compact_offsets(self) -> dict[NodeId, int]:
+        """Compact mode: the position of each entry's first slot (its rank in time order)."""
+        out, o = {}, 0
+        for e, n in zip(self.entries, self.entry_lengths(), strict=True):
+            out[e] = o
+            o += n
+        return out
+
     def slot_positions(self, mode: PositionMode) -> list[int]:
         """The RoPE position of every slot, entries in time order.
 
@@ -138,6 +146,13 @@ class WorkingContext:
             else:
                 out.append(node_start(e) + span_tokens(e[0]) // 2)
         return out
+
+
+def describe(history_len: int, by_level: dict[int, int], cost: int, w_max: int) -> str:
+    """One line a user reads: history length and the working context's fill by level."""
+    levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(by_level.items()))
+    return (f"history={history_len} tokens | working context {cost}/{w_max} "
+            f"token-equivalents ({levels})")
 
 
 def check_invariants(

@@ -20,7 +20,13 @@ import numpy as np
 from ..core.allocator import FocusAllocator, ingest_room, recency_scores
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree, node_start
-from ..core.working_context import Action, InvariantError, WorkingContext, check_invariants
+from ..core.working_context import (
+    Action,
+    InvariantError,
+    WorkingContext,
+    check_invariants,
+    describe,
+)
 from .compat import patches
 from .layout import (
     SEAL_TAG,
@@ -96,7 +102,7 @@ class MCRequest:
         """Compact-mode entry ranks, cached until the working context changes."""
         key = (self.edits, len(self.wc.entries))
         if self._bases is None or self._bases[0] != key:
-            self._bases = (key, compact_bases(self.wc))
+            self._bases = (key, self.wc.compact_offsets())
         return self._bases[1]
 
     @property
@@ -118,23 +124,13 @@ class MCSummary:
     stats: MCRequestStats
 
     def summary(self) -> str:
-        levels = ", ".join(f"LOD{lv}={n}" for lv, n in sorted(self.wc_entries_by_level.items()))
         s = self.stats
+        wc = describe(self.history_len, self.wc_entries_by_level, self.wc_cost, self.w_max)
         return (
-            f"history={self.history_len} tokens | working context {self.wc_cost}/{self.w_max} "
-            f"token-equivalents ({levels}) | refocuses={s.refocuses} expands={s.expands} "
-            f"collapses={s.collapses} (forced {s.forced_collapses}) | KV pages held <= "
-            f"{s.max_pages_held} | slot copies={s.slot_copies}"
+            f"{wc} | refocuses={s.refocuses} expands={s.expands} collapses={s.collapses} "
+            f"(forced {s.forced_collapses}) | KV pages held <= {s.max_pages_held} | "
+            f"slot copies={s.slot_copies}"
         )
-
-
-def compact_bases(wc: WorkingContext) -> dict[tuple[int, int], int]:
-    """Compact mode: the position of each entry's first slot (its rank in time order)."""
-    out, o = {}, 0
-    for e, n in zip(wc.entries, wc.entry_lengths(), strict=True):
-        out[e] = o
-        o += n
-    return out
 
 
 def slot_position(c: Content | tuple[int, int], mode: str, bases: dict | None) -> int:

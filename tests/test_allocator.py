@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mc_vllm.core.allocator import CapacityError, FocusAllocator, cold_start
+from mc_vllm.core.allocator import CapacityError, FocusAllocator, cold_start, recency_scores
 from mc_vllm.core.config import MCConfig
 from mc_vllm.core.gistnet import MeanPoolGist
 from mc_vllm.core.tree import MegaContextTree, node_end, node_start
@@ -56,6 +56,11 @@ def test_allocator_keeps_invariants(history, extra_w, steps, n_diff, cooldown, t
     alloc = FocusAllocator(cfg)
     flipped_at: dict = {}
     for step in range(1, steps + 1):
+        # A history that fits W_max exactly is shown raw with no headroom; the runtimes then
+        # collapse for room when the next block opens (MCScheduler._append_generated).
+        if tree.num_tokens % K == 0 and wc.free < K:
+            for a in alloc.make_room(wc, recency_scores(wc), tree, K):
+                wc.apply(a)
         # tokens arrive up to the next block boundary, where refocus happens
         tree.append(rng.integers(0, 64, K - tree.num_tokens % K or K))
         wc.grow(tree.num_tokens)

@@ -16,10 +16,33 @@ from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from mc_vllm.vllm.contract import EngineSettings
 from mc_vllm.vllm.options import validate_request
 from mc_vllm.vllm.worker import MCWorker, Rope
 
 _installed = False
+
+
+def read_engine_settings(vllm_config: Any) -> EngineSettings:
+    """The settings MegaContext depends on, read off a finalised ``VllmConfig``
+    (vllm/config/vllm.py; ``use_v2_model_runner`` at ~703, async resolution at ~1585)."""
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+
+    cc, par = vllm_config.compilation_config, vllm_config.parallel_config
+    return EngineSettings(
+        block_size=vllm_config.cache_config.block_size,
+        async_scheduling=bool(vllm_config.scheduler_config.async_scheduling),
+        v2_model_runner=bool(vllm_config.use_v2_model_runner),
+        speculative_decoding=vllm_config.speculative_config is not None,
+        pipeline_parallel_size=par.pipeline_parallel_size,
+        decode_context_parallel_size=par.decode_context_parallel_size,
+        prefill_context_parallel_size=par.prefill_context_parallel_size,
+        kv_transfer=vllm_config.kv_transfer_config is not None,
+        kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
+        compiled=(cc.mode not in (None, CompilationMode.NONE)
+                  or cc.cudagraph_mode not in (None, CUDAGraphMode.NONE)),
+        prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
+    )
 
 
 class KVPages:

@@ -28,6 +28,7 @@ from ..core.working_context import (
     describe,
 )
 from .compat import patches
+from .contract import check_engine
 from .layout import (
     SEAL_TAG,
     Content,
@@ -147,6 +148,7 @@ def slot_position(c: Content | tuple[int, int], mode: str, bases: dict | None) -
 class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_engine(patches().read_engine_settings(self.vllm_config))
         self.mc_options = EngineOptions.from_additional_config(
             self.vllm_config.additional_config
         )

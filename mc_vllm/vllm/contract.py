@@ -1,0 +1,156 @@
+"""The engine-settings contract: which vLLM settings MegaContext can run on.
+
+MegaContext edits a running request's KV pages, positions and input embeddings, so it
+depends on engine behaviour that vLLM chooses per platform and per flag (DESIGN.md, "The
+settings contract"; shared/notes/vllm-0.32-review.md items 1-5). This module is the policy
+only: :class:`EngineSettings` is read off a vLLM config by the version-pinned
+``patches`` module, and :func:`check_engine` refuses every setting MegaContext cannot
+honour with a message that names the setting and the flag that fixes it. No vLLM import.
+
+Settings that MegaContext makes right itself rather than refusing:
+- prefix caching: stays on for plain requests; MegaContext requests neither read nor
+  write the prefix cache (their pages are edited in place);
+- model runner V1, sync scheduling, block size 32, eager mode: ``MegaContextLLM`` and
+  ``mc-vllm serve`` pass them (:data:`REQUIRED_ENV`, :func:`engine_kwargs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.config import BLOCK_SIZE
+
+# Environment the engine processes need (read by vLLM when its config is built).
+REQUIRED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+
+# Attention backends whose KV layout mc_vllm.vllm.kv_ops knows, by vLLM backend name.
+KV_LAYOUT_OF_BACKEND = {
+    "CPU_ATTN": "cpu",
+    "FLASH_ATTN": "flash",
+    "FLASHINFER": "flash",
+}
+
+
+class UnsupportedEngineSetting(ValueError):
+    """The engine runs with a setting MegaContext cannot honour; the message lists each
+    such setting and the flag (or environment variable) that fixes it."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What MegaContext depends on, as one vLLM engine is configured."""
+
+    block_size: int
+    async_scheduling: bool
+    v2_model_runner: bool
+    speculative_decoding: bool
+    pipeline_parallel_size: int
+    decode_context_parallel_size: int
+    prefill_context_parallel_size: int
+    kv_transfer: bool  # a KV connector (disaggregated prefill, offloading)
+    kv_cache_dtype: str  # "auto" = the model dtype
+    compiled: bool  # torch.compile or CUDA graphs in use (not enforce_eager)
+    prefix_caching: bool  # allowed: MegaContext requests opt out
+
+
+@dataclass(frozen=True)
+class Refusal:
+    setting: str
+    value: Any
+    why: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.setting}={self.value!r}: {self.why}. Fix: {self.fix}"
+
+
+def refusals(s: EngineSettings) -> list[Refusal]:
+    """Every setting of ``s`` that MegaContext cannot run on (empty: all good)."""
+    out: list[Refusal] = []
+
+    def refuse(cond: bool, setting: str, value: Any, why: str, fix: str) -> None:
+        if cond:
+            out.append(Refusal(setting, value, why, fix))
+
+    refuse(s.block_size != BLOCK_SIZE, "block_size", s.block_size,
+           f"one LOD0 block of {BLOCK_SIZE} tokens is one KV page", f"--block-size {BLOCK_SIZE}")
+    refuse(s.v2_model_runner, "model_runner", "V2",
+           "MegaContext hooks the V1 model runner (V2 ignores table rewrites and its hooks)",
+           "set VLLM_USE_V2_MODEL_RUNNER=0 in the server's environment")
+    refuse(s.async_scheduling, "async_scheduling", True,
+           "a refocus needs each step's sampled token and LensNet scores before the next step "
+           "is scheduled", "--no-async-scheduling")
+    refuse(s.speculative_decoding, "speculative_config", "set",
+           "draft tokens would be written into edited KV pages and rolled back behind "
+           "MegaContext's layout", "remove --speculative-config")
+    refuse(s.pipeline_parallel_size > 1, "pipeline_parallel_size", s.pipeline_parallel_size,
+           "gists are embedded with the input embedding, which lives on the first stage only",
+           "--pipeline-parallel-size 1 (tensor parallel is supported)")
+    refuse(s.decode_context_parallel_size > 1, "decode_context_parallel_size",
+           s.decode_context_parallel_size, "KV pages would be split across ranks by token",
+           "--decode-context-parallel-size 1")
+    refuse(s.prefill_context_parallel_size > 1, "prefill_context_parallel_size",
+           s.prefill_context_parallel_size, "KV pages would be split across ranks by token",
+           "--prefill-context-parallel-size 1")
+    refuse(s.kv_transfer, "kv_transfer_config", "set",
+           "a KV connector would save or load pages that MegaContext edits in place",
+           "remove --kv-transfer-config")
+    refuse(s.kv_cache_dtype != "auto", "kv_cache_dtype", s.kv_cache_dtype,
+           "re-rotating and copying quantized KV (fp8/fp4 scales) is not supported",
+           "--kv-cache-dtype auto")
+    refuse(s.compiled, "enforce_eager", False,
+           "CUDA graphs / torch.compile replay the token-id path and would drop MegaContext's "
+           "injected gist embeddings", "--enforce-eager")
+    return out
+
+
+def check_engine(s: EngineSettings) -> None:
+    """Raise :class:`UnsupportedEngineSetting` listing every refused setting of ``s``."""
+    bad = refusals(s)
+    if bad:
+        lines = "\n".join(f"  - {r}" for r in bad)
+        raise UnsupportedEngineSetting(
+            f"MegaContext cannot run on this vLLM engine configuration:\n{lines}"
+        )
+
+
+def check_kv_layout(backends: set[str], num_kv_cache_groups: int, kernel_block_size: int) -> str:
+    """The KV layout kind (``"cpu"`` | ``"flash"``) of the engine's attention backends,
+    checked on the worker once the KV cache exists.
+
+    Raises:
+        UnsupportedEngineSetting: an attention backend whose layout is unknown, several
+            KV-cache groups (sliding-window / hybrid models), or a kernel block size that
+            differs from MegaContext's page of 32 slots.
+    """
+    bad: list[str] = []
+    kinds = {KV_LAYOUT_OF_BACKEND.get(b) for b in backends}
+    if None in kinds or len(kinds) != 1:
+        known = ", ".join(sorted(KV_LAYOUT_OF_BACKEND))
+        bad.append(f"attention backend {sorted(backends)}: MegaContext knows the KV layout of "
+                   f"{known}. Fix: --attention-backend FLASH_ATTN (CUDA)")
+    if num_kv_cache_groups != 1:
+        bad.append(f"{num_kv_cache_groups} KV-cache groups (sliding-window or hybrid layers): "
+                   "MegaContext needs one. Fix: a model with full attention in every layer")
+    if kernel_block_size != BLOCK_SIZE:
+        bad.append(f"kernel block size {kernel_block_size}: MegaContext needs {BLOCK_SIZE}. "
+                   f"Fix: --block-size {BLOCK_SIZE}")
+    if bad:
+        raise UnsupportedEngineSetting(
+            "MegaContext cannot run on this KV cache:\n" + "\n".join(f"  - {b}" for b in bad)
+        )
+    return kinds.pop()  # type: ignore[return-value]
+
+
+def engine_kwargs(user: dict[str, Any]) -> dict[str, Any]:
+    """``vllm.LLM`` / engine arguments for a MegaContext engine: what MegaContext needs,
+    on top of the user's own. A user value that contradicts the contract is kept, so that
+    :func:`check_engine` refuses it at start-up with the fix, instead of being overridden
+    silently."""
+    out = dict(user)
+    out.setdefault("block_size", BLOCK_SIZE)
+    out.setdefault("async_scheduling", False)
+    out.setdefault("enforce_eager", True)
+    return out
+

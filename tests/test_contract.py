@@ -1,0 +1,109 @@
+"""The engine-settings contract on real vLLM configs (no engine started): every setting
+MegaContext depends on is either made right by MegaContextLLM / mc-vllm serve, or refused
+with a message naming the setting and the flag that fixes it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from mc_vllm.vllm.compat import patches  # noqa: E402
+from mc_vllm.vllm.contract import (  # noqa: E402
+    UnsupportedEngineSetting,
+    check_engine,
+    check_kv_layout,
+    engine_kwargs,
+)
+
+
+def _config(tiny_model_dir, monkeypatch=None, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    base = {"model": str(tiny_model_dir), "dtype": "float32", "max_model_len": 1152}
+    return EngineArgs(**{**base, **kwargs}).create_engine_config()
+
+
+def _mc_config(tiny_model_dir, **user):
+    """The config MegaContextLLM builds: the user's arguments plus the contract's."""
+    return _config(tiny_model_dir, **engine_kwargs(user))
+
+
+def _refused(cfg) -> str:
+    with pytest.raises(UnsupportedEngineSetting) as e:
+        check_engine(patches().read_engine_settings(cfg))
+    return str(e.value)
+
+
+def test_megacontext_defaults_pass_and_keep_prefix_caching(tiny_model_dir):
+    cfg = _mc_config(tiny_model_dir)
+    s = patches().read_engine_settings(cfg)
+    check_engine(s)
+    assert s.block_size == 32 and not s.async_scheduling and not s.v2_model_runner
+    assert not s.compiled
+    assert s.prefix_caching  # vLLM's default stays on for plain requests
+
+
+# (engine arguments, or a mutation of the finalised config for settings this CPU build
+#  cannot produce; the setting named; the fix named)
+CASES = {
+    "block_size": ({"block_size": 64}, None, "block_size=64", "--block-size 32"),
+    "cpu_default_block_size": ({"block_size": None}, None, "block_size=128", "--block-size 32"),
+    "compile": ({"enforce_eager": False}, None, "enforce_eager=False", "--enforce-eager"),
+    "kv_cache_dtype": ({"kv_cache_dtype": "fp8"}, None, "kv_cache_dtype='fp8'",
+                       "--kv-cache-dtype auto"),
+    "pipeline_parallel": ({"pipeline_parallel_size": 2}, None, "pipeline_parallel_size=2",
+                          "--pipeline-parallel-size 1"),
+    # CUDA defaults: async scheduling on, V2 runner (the CPU platform turns both off)
+    "async_scheduling": ({}, lambda c: setattr(c.scheduler_config, "async_scheduling", True),
+                         "async_scheduling=True", "--no-async-scheduling"),
+    "speculative": ({}, lambda c: setattr(c, "speculative_config", object()),
+                    "speculative_config", "remove --speculative-config"),
+    "kv_connector": ({}, lambda c: setattr(c, "kv_transfer_config", object()),
+                     "kv_transfer_config", "remove --kv-transfer-config"),
+    "decode_context_parallel": (
+        {}, lambda c: setattr(c.parallel_config, "decode_context_parallel_size", 2),
+        "decode_context_parallel_size=2", "--decode-context-parallel-size 1"),
+    "prefill_context_parallel": (
+        {}, lambda c: setattr(c.parallel_config, "prefill_context_parallel_size", 2),
+        "prefill_context_parallel_size=2", "--prefill-context-parallel-size 1"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_setting_is_refused_with_its_fix(tiny_model_dir, name):
+    args, mutate, setting, fix = CASES[name]
+    user = {k: v for k, v in args.items() if v is not None}
+    cfg = _config(tiny_model_dir, **user) if "block_size" in args else _mc_config(tiny_model_dir, **user)
+    if mutate is not None:
+        mutate(cfg)
+    msg = _refused(cfg)
+    assert setting in msg and fix in msg, msg
+
+
+def test_v2_model_runner_is_refused(tiny_model_dir, monkeypatch):
+    """vLLM 0.32 picks runner V2 on CUDA (Triton present; config/vllm.py
+    ``use_v2_model_runner``). This CPU build has no Triton, so the property is forced."""
+    cfg = _mc_config(tiny_model_dir)
+    monkeypatch.setattr(type(cfg), "use_v2_model_runner", property(lambda self: True))
+    msg = _refused(cfg)
+    assert "model_runner='V2'" in msg and "VLLM_USE_V2_MODEL_RUNNER=0" in msg
+
+
+def test_every_refusal_is_listed_at_once(tiny_model_dir):
+    cfg = _config(tiny_model_dir, block_size=64, enforce_eager=False, kv_cache_dtype="fp8")
+    msg = _refused(cfg)
+    assert all(f in msg for f in ("--block-size 32", "--enforce-eager", "--kv-cache-dtype auto"))
+
+
+def test_kv_layout_is_chosen_by_backend():
+    assert check_kv_layout({"CPU_ATTN"}, 1, 32) == "cpu"
+    assert check_kv_layout({"FLASH_ATTN"}, 1, 32) == "flash"
+    assert check_kv_layout({"FLASHINFER"}, 1, 32) == "flash"
+    for backends, groups, block, fix in [
+        ({"TRITON_ATTN"}, 1, 32, "--attention-backend"),
+        ({"FLASH_ATTN"}, 2, 32, "full attention in every layer"),
+        ({"FLASH_ATTN"}, 1, 16, "--block-size 32"),
+    ]:
+        with pytest.raises(UnsupportedEngineSetting, match=fix):
+            check_kv_layout(backends, groups, block)

@@ -9,6 +9,8 @@ import sysconfig
 import time
 from pathlib import Path
 
+from .vllm.contract import SCHEDULER_CLS
+
 DEFAULT_TINY_DIR = Path("models/tiny-llama")
 
 
@@ -131,16 +133,21 @@ def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
         mc["lensnet"] = args.lensnet
     max_len = args.max_model_len or args.w_max + 128
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-            "--scheduler-cls", "mc_vllm.vllm.scheduler.MCScheduler", "--block-size", "32",
-            "--no-enable-prefix-caching", "--max-model-len", str(max_len),
+            "--scheduler-cls", SCHEDULER_CLS, "--block-size", "32",
+            "--no-async-scheduling", "--max-model-len", str(max_len),
             "--additional-config", json.dumps({"megacontext": mc}),
+            # the user's flags come last and win; a contradicting one is refused at start-up
             *([] if "--no-enforce-eager" in extra else ["--enforce-eager"]), *extra]
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     import os
 
+    from .vllm.contract import REQUIRED_ENV
+
     argv = serve_argv(args, extra)
+    for var, value in REQUIRED_ENV.items():
+        os.environ.setdefault(var, value)
     print("[mc-vllm] " + " ".join(argv[1:]), flush=True)
     os.execv(argv[0], argv)  # the server replaces this process (signals reach it directly)
     return 0  # not reached

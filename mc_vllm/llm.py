@@ -13,13 +13,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from .core.config import BLOCK_SIZE
-from .vllm.options import ENABLE_KEY, PROMPT_KEY, REQUEST_PREFIX, EngineOptions, validate_request
+from .vllm.compat import patches
+from .vllm.contract import REQUIRED_ENV, engine_kwargs
+from .vllm.options import (
+    ADDITIONAL_KEY,
+    ENABLE_KEY,
+    PROMPT_KEY,
+    EngineOptions,
+    FrontEndLimits,
+    is_megacontext,
+    validate_request,
+)
 from .vllm.plugin import SCHEDULER_CLS
+
+# The history's last tokens shown to vLLM as the prompt (the scheduler takes the history
+# from extra_args); they prime the detokenizer like the real prompt.
+STUB_TOKENS = 8
 
 
 def _is_mc(sp: Any) -> bool:
-    extra = getattr(sp, "extra_args", None) or {}
-    return any(k == ENABLE_KEY or k.startswith(REQUEST_PREFIX) for k in extra)
+    return is_megacontext(getattr(sp, "extra_args", None))
 
 
 class MegaContextLLM:
@@ -40,55 +53,65 @@ class MegaContextLLM:
         self.options = EngineOptions.from_additional_config({"megacontext": self._mc_raw})
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional["megacontext"] = self._mc_raw
-        w_max = self.options.defaults.w_max
-        kwargs.setdefault("max_model_len", w_max + 4 * BLOCK_SIZE)
-        # The forward hook feeds injected embeddings; graph capture / compile traced on the
-        # token-id path is unchecked with that, so eager is the default until it is.
-        kwargs.setdefault("enforce_eager", True)
-        if kwargs.get("block_size", BLOCK_SIZE) != BLOCK_SIZE:
-            raise ValueError(f"MegaContext needs block_size={BLOCK_SIZE} (one LOD0 block per page)")
-        self.llm = LLM(
-            model=model,
-            scheduler_cls=SCHEDULER_CLS,
-            block_size=BLOCK_SIZE,
-            enable_prefix_caching=False,  # pages are edited in place; hashes would lie
-            async_scheduling=False,  # refocus needs each step's output before the next
-            additional_config=additional,
-            **kwargs,
-        )
+        kwargs.setdefault("max_model_len", self.options.defaults.w_max + 4 * BLOCK_SIZE)
+        for var, value in REQUIRED_ENV.items():  # read when vLLM builds its config
+            os.environ.setdefault(var, value)
+        # What MegaContext needs (block size 32, sync scheduling, eager); a contradicting
+        # user value is kept and refused at start-up with the flag that fixes it.
+        self.llm = LLM(model=model, scheduler_cls=SCHEDULER_CLS, additional_config=additional,
+                       **engine_kwargs(kwargs))
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.limits = FrontEndLimits.from_model_config(self.llm.llm_engine.model_config)
         self._batch = 0
 
     def get_tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
 
-    def _token_ids(self, prompt: Any) -> list[int]:
+    def _history(self, prompt: Any) -> tuple[list[int], str | None]:
+        """The prompt's token ids exactly as vLLM tokenizes a completion prompt (special
+        tokens such as BOS included: vllm/renderers/base.py), and its text if it has one."""
         if isinstance(prompt, str):
-            return self.get_tokenizer().encode(prompt, add_special_tokens=False)
+            return self.get_tokenizer().encode(prompt, add_special_tokens=True), prompt
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
+            return list(prompt["prompt_token_ids"]), prompt.get("prompt")
         if isinstance(prompt, dict) and "prompt" in prompt:
-            return self.get_tokenizer().encode(prompt["prompt"], add_special_tokens=False)
+            text = prompt["prompt"]
+            return self.get_tokenizer().encode(text, add_special_tokens=True), text
         if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        raise TypeError(f"unsupported prompt type for MegaContext: {type(prompt).__name__}")
+            return list(prompt), None
+        raise TypeError(f"prompt: unsupported type for MegaContext: {type(prompt).__name__}")
 
     def prepare(self, prompt: Any, sp: Any, megacontext: bool = False) -> tuple[Any, Any, list[int] | None]:
-        """(vLLM prompt, sampling params, full prompt ids or None for a plain request)."""
+        """(vLLM prompt, sampling params, full history ids or None for a plain request).
+
+        The history travels in ``extra_args["mc_prompt"]`` (an ``mc_prompt`` the caller set
+        wins over the prompt, as over HTTP). vLLM itself sees the history's last few tokens
+        and the prompt text: they prime the detokenizer as vanilla vLLM's prompt would
+        (a prompt ending inside a UTF-8 character, a leading space) and keep
+        ``RequestOutput.prompt``. Raises ValueError for bad MegaContext inputs."""
         if not (megacontext or _is_mc(sp)):
             return prompt, sp, None
-        ids = self._token_ids(prompt)
-        if not ids:
-            raise ValueError("a MegaContext prompt needs at least one token")
-        sp = copy.deepcopy(sp)
+        sp = copy.copy(sp)  # shallow: only extra_args is replaced
         extra = dict(sp.extra_args or {})
         extra.setdefault(ENABLE_KEY, 1)
-        extra[PROMPT_KEY] = ids
+        embeds = isinstance(prompt, dict) and "prompt_embeds" in prompt
+        text = None
+        if PROMPT_KEY not in extra and not embeds:
+            extra[PROMPT_KEY], text = self._history(prompt)
         sp.extra_args = extra
-        validate_request(extra, sp.max_tokens, {"megacontext": self._mc_raw}, self.max_model_len,
-                         sp.prompt_logprobs)
-        # vLLM sees a 1-token stub; the scheduler takes the history from extra_args.
-        return {"prompt_token_ids": ids[:1]}, sp, ids
+        cfg = validate_request(extra, sp.max_tokens, {ADDITIONAL_KEY: self._mc_raw}, self.limits,
+                               sp.prompt_logprobs, has_prompt_embeds=embeds,
+                               repetition_penalty=sp.repetition_penalty)
+        if cfg is None:
+            raise ValueError(f"mc={extra[ENABLE_KEY]!r}: MegaContext is switched off, but "
+                             "generate(megacontext=True) asks for it")
+        ids = list(extra[PROMPT_KEY])
+        # vLLM's worker holds prompt + output tokens in a max_model_len row
+        k = max(1, min(STUB_TOKENS, self.max_model_len - (sp.max_tokens or 0)))
+        vp: dict[str, Any] = {"prompt_token_ids": ids[-k:]}
+        if text is not None:
+            vp["prompt"] = text
+        return vp, sp, ids
 
     def add_request(self, request_id: str, prompt: Any, sp: Any, *, megacontext: bool = False) -> str:
         """Step-wise use (with :meth:`step`), like ``LLMEngine.add_request``. Returns the
@@ -144,37 +167,44 @@ class MegaContextLLM:
     def _run(self, prompts: list[Any], sps: list[Any], full_ids: list[Any], sched: Any,
              use_tqdm: bool) -> list[Any]:
         """Step the engine ourselves: a token-level progress bar over ingest and decode,
-        and each MegaContext output gets its ``mc_summary``."""
+        every completion of ``n > 1`` requests collected, and each MegaContext completion
+        gets its ``mc_summary`` (the output's own ``mc_summary`` is its first one's)."""
         from tqdm import tqdm
 
+        child_ids = patches().child_request_ids
         base = f"mc{id(self):x}-{self._batch}"
         self._batch += 1
         ids = [f"{base}-{i}" for i in range(len(prompts))]
+        n = {rid: sp.n for rid, sp in zip(ids, sps, strict=True)}
         internal = {
-            rid: self.llm.llm_engine.add_request(rid, p, sp)
+            rid: child_ids(self.llm.llm_engine.add_request(rid, p, sp), n[rid])
             for rid, p, sp in zip(ids, prompts, sps, strict=True)
         }
-        total = sum(len(f) for f in full_ids if f is not None) + sum(
-            (sp.max_tokens or 0) for sp in sps
-        )
-        bar = tqdm(total=total, unit="tok", desc="MegaContext", disable=not use_tqdm)
         plen = {rid: len(f) if f is not None else 0 for rid, f in zip(ids, full_ids, strict=True)}
-        latest: dict[str, int] = {}
+        total = sum((plen[r] + (sp.max_tokens or 0)) * n[r] for r, sp in zip(ids, sps, strict=True))
+        bar = tqdm(total=total, unit="tok", desc="MegaContext", disable=not use_tqdm)
+        completions: dict[str, dict[int, Any]] = {rid: {} for rid in ids}
         done: dict[str, Any] = {}
         while len(done) < len(ids):
             for o in self.step():
-                latest[o.request_id] = len(o.outputs[0].token_ids)
+                for c in o.outputs:  # cumulative: each output carries some children's
+                    completions[o.request_id][c.index] = c
                 if o.finished:
                     done[o.request_id] = o
             # prompt tokens count once ingested: all of them after the first output
-            fed = (plen[r] if r in latest else getattr(sched.mc.get(internal[r]), "fed", 0)
-                   for r in ids)
-            bar.n = sum(latest.values()) + sum(fed)
+            bar.n = sum(
+                len(c.token_ids) + plen[r] for r in ids for c in completions[r].values()
+            ) + sum(getattr(sched.mc.get(child), "fed", 0)
+                    for r in ids for i, child in enumerate(internal[r])
+                    if i not in completions[r])
             bar.refresh()
         bar.close()
         outs = [done[rid] for rid in ids]
         for rid, o in zip(ids, outs, strict=True):
-            o.mc_summary = sched.finished_summaries.pop(internal[rid], None)
+            o.outputs = [completions[rid][i] for i in sorted(completions[rid])]
+            for c, child in zip(o.outputs, internal[rid], strict=True):
+                c.mc_summary = sched.finished_summaries.pop(child, None)
+            o.mc_summary = o.outputs[0].mc_summary
         return outs
 
     # ---- introspection (in-process engine core only: VLLM_ENABLE_V1_MULTIPROCESSING=0) ----

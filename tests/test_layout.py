@@ -61,7 +61,12 @@ def test_collapse_retains_then_drops_and_expand_recomputes():
 
 def test_request_options_and_engine_defaults():
     from mc_vllm.core.config import ConfigError, MCConfig
-    from mc_vllm.vllm.options import EngineOptions, request_options, validate_request
+    from mc_vllm.vllm.options import (
+        EngineOptions,
+        FrontEndLimits,
+        request_options,
+        validate_request,
+    )
 
     opts = EngineOptions.from_additional_config({"megacontext": {"w_max": 2048, "retained_cap": 3}})
     assert opts.defaults.w_max == 2048 and opts.retained_cap == 3
@@ -72,14 +77,17 @@ def test_request_options_and_engine_defaults():
         request_options({"mc_wmax": 512}, opts.defaults)
     assert EngineOptions.from_additional_config(
         {"megacontext": {"gist_timing": "seal"}}).defaults.gist_timing == "seal"
+    def lim(n: int) -> FrontEndLimits:
+        return FrontEndLimits(max_model_len=n, vocab_size=2048, max_position=None)
+
     with pytest.raises(ValueError, match="max_model_len >= "):
-        validate_request({"mc": 1}, 16, {"megacontext": {"w_max": 2048}}, 1024)
+        validate_request({"mc": 1}, 16, {"megacontext": {"w_max": 2048}}, lim(1024))
     with pytest.raises(ValueError, match="mc_prompt"):
-        validate_request({"mc_prompt": [1, -2]}, 16, None, 9000)
+        validate_request({"mc_prompt": [1, -2]}, 16, None, lim(9000))
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        validate_request({"mc": 1}, 16, None, 9000, prompt_logprobs=1)
+        validate_request({"mc": 1}, 16, None, lim(9000), prompt_logprobs=1)
     with pytest.raises(RuntimeError, match="coarsest"):
-        validate_request({"mc_prompt": [5] * 300_000, "mc_w_max": 256}, 16, None, 9000)
+        validate_request({"mc_prompt": [5] * 300_000, "mc_w_max": 256}, 16, None, lim(9000))
 
 
 def test_plugin_refuses_other_vllm_versions(monkeypatch):

@@ -321,7 +321,8 @@ def test_slot_copy_matches_the_cpu_kv_layout(mc_llm, tiny_model_dir):
     from transformers import AutoModelForCausalLM
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from mc_vllm.vllm.worker import copy_slots
+    from mc_vllm.vllm.kv_ops import apply_ops
+    from mc_vllm.vllm.records import CopySlots
 
     (p,) = prompts((64,), seed=8)
     sched = mc_llm.scheduler()
@@ -340,9 +341,11 @@ def test_slot_copy_matches_the_cpu_kv_layout(mc_llm, tiny_model_dir):
         cos, sin = hf.model.rotary_emb(x, torch.arange(32)[None])
         k = apply_rotary_pos_emb(k, k, cos, sin)[1][0]  # [heads, tokens, hd]
     kv = runner(mc_llm).kv_caches
+    target = runner(mc_llm)._mc_worker.target
+    assert target.kind == "cpu"  # chosen by the attention backend (CPU_ATTN)
     free = sched.pages.allocate()  # a scratch page nobody else uses
     try:
-        copy_slots(kv, [(page * 32 + 5, free * 32 + 7)], 32)
+        apply_ops(target, [CopySlots([page * 32 + 5], [free * 32 + 7])])
         blk = kv[0][free].reshape(k.shape[0], -1)
         keys = blk[:, : 32 * hd].view(-1, hd, 32)
         vals = blk[:, 32 * hd :].view(-1, 32, hd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -13,7 +14,66 @@ GistTiming = Literal["seal", "collapse"]
 
 
 class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field."""
+    """A configuration value is wrong; the message starts with the field's name.
+
+    ``field``/``value``/``why`` are set when one field is to blame, so a caller can name
+    the field as its user spelled it (``mc_w_max``, ``megacontext.w_max``): ``renamed``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: Any = None,
+                 why: str | None = None) -> None:
+        super().__init__(message)
+        self.field, self.value, self.why = field, value, why
+
+    @classmethod
+    def of(cls, prefix: str, field: str, value: Any, why: str) -> ConfigError:
+        return cls(f"{prefix}{field}={short_repr(value)}: {why}", field=field, value=value, why=why)
+
+    def renamed(self, prefix: str) -> ConfigError:
+        """The same error with the field named ``prefix + field``."""
+        if self.field is None or self.why is None:
+            return self
+        return ConfigError.of(prefix, self.field, self.value, self.why)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters: error messages echo hostile input."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({type(value).__name__})"
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _flag(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in _TRUE:
+            return True
+        if s in _FALSE:
+            return False
+    return None
+
+
+FLAG_WORDS = "true/false, 1/0, yes/no or on/off"
+
+
+def parse_flag(value: Any, name: str, *, none_is_false: bool = False) -> bool:
+    """A boolean option as users send it: ``True``/``False``, ``1``/``0`` or the strings
+    true/false, yes/no, on/off, 1/0 (any case). Anything else is a ConfigError that starts
+    with ``name``."""
+    if value is None and none_is_false:
+        return False
+    flag = _flag(value)
+    if flag is None:
+        raise ConfigError(f"{name}={short_repr(value)}: expected a boolean ({FLAG_WORDS}), "
+                          f"got {type(value).__name__}")
+    return flag
 
 
 @dataclass(frozen=True)
@@ -37,7 +97,7 @@ class MCConfig:
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> None:
-            raise ConfigError(f"MCConfig.{field}={getattr(self, field)!r}: {why}")
+            raise ConfigError.of("MCConfig.", field, getattr(self, field), why)
 
         if self.block_size != BLOCK_SIZE:
             bad("block_size", f"must be {BLOCK_SIZE} (one LOD0 block is one 32-slot KV page)")
@@ -69,13 +129,61 @@ class MCConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MCConfig:
-        """Build from user JSON (``--additional-config``, ``extra_args``); unknown keys are errors."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
+    def from_dict(cls, d: Mapping[str, Any], *, prefix: str = "MCConfig.",
+                  also_known: Iterable[str] = ()) -> MCConfig:
+        """Build from user JSON (``--additional-config``, ``extra_args``), strictly.
+
+        Unknown keys are errors; ints must be ints (not bools, floats or strings), floats
+        ints or floats (not bools); booleans may also be ``0/1`` or ``"true"/"false"``-like
+        strings and are normalised. Every error starts with ``prefix + field``
+        (``also_known``: the caller's own keys, listed with the known ones in that error).
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{prefix.rstrip('.')}: expected a mapping of MegaContext "
+                              f"options, got {type(d).__name__}")
+        kinds = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+        unknown = sorted(short_repr(k)[1:-1] if isinstance(k, str) else short_repr(k)
+                         for k in d if k not in kinds)
         if unknown:
-            raise ConfigError(f"unknown MegaContext option(s) {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+            more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+            raise ConfigError(
+                f"{', '.join(prefix + k for k in unknown[:5])}{more}: unknown MegaContext option"
+                f"; known: {', '.join(prefix + k for k in sorted({*kinds, *also_known}))}"
+            )
+        values = {k: _coerce(prefix, k, v, kinds[k]) for k, v in d.items()}
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise e.renamed(prefix) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _coerce(prefix: str, field: str, value: Any, kind: type) -> Any:
+    """One option's value checked against its field's type (bool is not an int here)."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError.of(prefix, field, value, why)
+
+    if kind is bool:
+        flag = _flag(value)
+        if flag is None:
+            raise bad(f"expected a boolean ({FLAG_WORDS}), got {type(value).__name__}")
+        return flag
+    if kind is int:
+        if type(value) is not int:
+            raise bad(f"must be an int, got {type(value).__name__}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad(f"must be a number, got {type(value).__name__}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad("out of range") from None
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad(f"must be a str, got {type(value).__name__}")
+        return value
+    return value

@@ -21,6 +21,8 @@ from typing import Any
 
 from ..core.config import BLOCK_SIZE
 
+SCHEDULER_CLS = "mc_vllm.vllm.scheduler.MCScheduler"  # --scheduler-cls
+
 # Environment the engine processes need (read by vLLM when its config is built).
 REQUIRED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 

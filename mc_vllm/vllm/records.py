@@ -30,12 +30,7 @@ class MCStep:
     """Everything MegaContext asks of the worker in one step."""
 
     plans: dict[str, MCRequestPlan] = field(default_factory=dict)
-    # KV edits, applied in order before the forward:
-    #   ("copy", [(src slot, dst slot), ...])  whole-slot copies (K and V, every layer)
-    #   ("rot", delta, [slot, ...])            re-rotate K by delta positions (compact mode)
-    #   ("save", request id, node, slot)       keep a seal-time gist's KV in the side store
-    #   ("place", request id, node, slot)      write a stored gist's KV into a slot
-    ops: list[tuple] = field(default_factory=list)
+    ops: list[KVOp] = field(default_factory=list)  # KV edits, applied in order before the forward
     configs: dict[str, dict] = field(default_factory=dict)  # new requests' options
 
 
@@ -46,3 +41,55 @@ class MCResults:
     scores: dict[str, list[float]] = field(default_factory=dict)
     forward_tokens: dict[str, int] = field(default_factory=dict)  # slots the model processed
     aux_seconds: float = 0.0  # GistNet + LensNet + slot copies
+    failed: dict[str, str] = field(default_factory=dict)  # request id -> error (finish it)
+
+
+# KV edits (worker side, applied in order before the forward by ``kv_ops.apply_ops``).
+# A slot is a physical token slot: page_id * block_size + offset within the page.
+
+
+@dataclass(frozen=True)
+class CopySlots:
+    """Copy whole slots ``src[i] -> dst[i]`` (K and V, every layer).
+
+    The result is that of doing the copies one after another in list order, so chains
+    (a->b then b->c) and swaps through a scratch slot behave as written.
+    """
+
+    src: list[int]
+    dst: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.src) != len(self.dst):
+            raise ValueError(f"CopySlots: {len(self.src)} sources for {len(self.dst)} destinations")
+
+
+@dataclass(frozen=True)
+class RotateKeys:
+    """Re-rotate the cached K of ``slots`` by ``delta`` RoPE positions (compact mode).
+
+    RoPE rotations compose, so a key written at position p reads as written at p + delta.
+    V carries no position and is left alone.
+    """
+
+    delta: int
+    slots: list[int]
+
+
+@dataclass(frozen=True)
+class SaveGist:
+    """Copy one slot's K and V (every layer) into row ``row`` of the worker's side store."""
+
+    slot: int
+    row: int
+
+
+@dataclass(frozen=True)
+class PlaceGist:
+    """Write side-store row ``row`` (K and V, every layer) into ``slot``."""
+
+    row: int
+    slot: int
+
+
+KVOp = CopySlots | RotateKeys | SaveGist | PlaceGist

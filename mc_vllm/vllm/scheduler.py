@@ -10,6 +10,8 @@ we record sampled tokens in the history and run the Focus Allocator on LensNet's
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,9 +41,19 @@ from .layout import (
     token_slot,
 )
 from .options import PROMPT_KEY, EngineOptions, request_options
-from .records import MCRequestPlan, MCResults, MCStep
+from .records import (
+    CopySlots,
+    KVOp,
+    MCRequestPlan,
+    MCResults,
+    MCStep,
+    PlaceGist,
+    RotateKeys,
+    SaveGist,
+)
 
 K = BLOCK_SIZE
+logger = logging.getLogger(__name__)
 Scheduler = patches().Scheduler
 
 
@@ -58,6 +70,7 @@ class MCRequestStats:
     seal_gists: int = 0  # seal-time gist KVs computed and stored
     placed_gists: int = 0  # collapses that placed a stored gist (no forward)
     max_pages_held: int = 0
+    released_retained: int = 0  # retained pages given back to vLLM under memory pressure
     # decode phase (after the first sampled token), for the no-hidden-recompute check:
     decode_forward_tokens: int = 0  # slots the worker's model forward processed
     decode_tokens_fed: int = 0  # generated tokens fed back
@@ -89,7 +102,9 @@ class MCRequest:
     # RoPE position each computed slot holds, by (level, index): compact mode re-rotates
     # slots whose rank changed; debug mode checks them against the working context.
     written: dict[tuple[int, int], int] = field(default_factory=dict)
-    # seal-time gists in the worker's side store: block -> position their K was rotated to
+    # seal-time gists in the worker's side store: block -> row, and the position their K
+    # was rotated to
+    side_rows: dict[int, int] = field(default_factory=dict)
     sealed_pos: dict[int, int] = field(default_factory=dict)
     # positions held by the slots of pages in the retained tier (restored on expand, so
     # compact mode re-rotates them by whatever shift happened while they were out)
@@ -154,19 +169,49 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         )
         self.mc: dict[str, MCRequest] = {}
         self.finished_summaries: OrderedDict[str, MCSummary] = OrderedDict()  # bounded
-        self._mc_ops: list[tuple] = []
+        self._mc_ops: list[KVOp] = []
+        # free rows of the worker's preallocated side store (seal-time gist KV)
+        self._side_rows = list(range(self.mc_options.side_store_rows))[::-1]
         self._mc_new_configs: dict[str, dict] = {}
         self.pages = patches().KVPages(self)
+        self.failures: OrderedDict[str, str] = OrderedDict()  # request id -> error (bounded)
+        self._failed: list[Any] = []  # finished with an error, output not yet emitted
+        # prefix caching stays on for plain requests; MegaContext pages are never committed
+        patches().guard_cache_blocks(self, self.mc.__contains__)
+        patches().guard_allocate_slots(self, self._release_retained_page)
 
     # ---- admission ---------------------------------------------------------------------
 
     def add_request(self, request: Any) -> None:
         sp = request.sampling_params
         extra = getattr(sp, "extra_args", None) if sp is not None else None
-        cfg = request_options(extra, self.mc_options.defaults) if extra else None
+        try:
+            cfg = request_options(extra, self.mc_options.defaults) if extra else None
+        except ValueError as e:  # the front end validates first; never take the engine down
+            super().add_request(request)
+            return self._fail(request.request_id, e)
         if cfg is None:
             return super().add_request(request)
-        prompt = np.asarray(extra.pop(PROMPT_KEY, None) or request.prompt_token_ids, dtype=np.int64)
+        try:
+            st = self._admit(request, cfg)
+        except Exception as e:
+            super().add_request(request)
+            return self._fail(request.request_id, e)
+        super().add_request(request)
+        self._feed(request, st)
+
+    def _admit(self, request: Any, cfg: MCConfig) -> MCRequest:
+        """MegaContext state for a new request. The history comes from ``mc_prompt`` (read,
+        never popped: n > 1 children share one ``extra_args`` dict in-process), else from the
+        prompt; the request keeps its own copy of the sampling params without it, so the
+        history is not shipped to the workers with every new request."""
+        sp = request.sampling_params
+        history = sp.extra_args.get(PROMPT_KEY)
+        prompt = np.asarray(history if history is not None else request.prompt_token_ids,
+                            dtype=np.int64)
+        if history is not None:
+            sp = request.sampling_params = copy.copy(sp)
+            sp.extra_args = {k: v for k, v in sp.extra_args.items() if k != PROMPT_KEY}
         st = MCRequest(
             rid=request.request_id,
             cfg=cfg,
@@ -176,10 +221,31 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             layout=KVLayout(self.mc_options.retained_cap),
             wc=WorkingContext([], 0, cfg.w_max),
         )
+        patches().opt_out_of_prefix_cache(request)
         self.mc[request.request_id] = st
         self._mc_new_configs[request.request_id] = cfg.to_dict()
-        self._feed(request, st)
-        super().add_request(request)
+        return st
+
+    # ---- fault isolation -----------------------------------------------------------------
+
+    def _fail(self, rid: str, err: BaseException) -> None:
+        """Finish one request with an error (``finish_reason="error"``) after an exception in
+        MegaContext code; the engine and every other request go on."""
+        logger.error("MegaContext request %s failed: %s: %s", rid, type(err).__name__, err,
+                     exc_info=err)
+        self.failures[rid] = f"{type(err).__name__}: {err}"
+        while len(self.failures) > 4096:
+            self.failures.popitem(last=False)
+        self._failed += self.finish_requests(rid, patches().FINISHED_ERROR)
+
+    def _guard(self, rid: str, fn: Any, *args: Any) -> bool:
+        """Run one request's MegaContext work; False if it failed (and was finished)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self._fail(rid, e)
+            return False
+        return True
 
     # ---- vLLM state sync ---------------------------------------------------------------
 
@@ -194,7 +260,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
 
     def _apply_edit(self, st: MCRequest, edit: Edit) -> None:
         if edit.copies:
-            self._mc_ops.append(("copy", edit.copies))
+            self._mc_ops.append(CopySlots([c[0] for c in edit.copies], [c[1] for c in edit.copies]))
         st.mirror_dirty = True
         st.stats.slot_copies += len(edit.copies)
         self.pages.free(edit.freed)
@@ -219,10 +285,10 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                 }
                 lay = st.layout
                 room = len(lay.tail) < K * len(lay.tail_pages) or self.pages.num_free() > 0
-                if b in st.sealed_pos and room:  # seal-time KV stored: a slot copy, no forward
+                if b in st.side_rows and room:  # seal-time KV stored: a slot copy, no forward
                     placed, phys = st.layout.place_gist(a.node[1], self._fresh_page)
                     self._apply_edit(st, edit.merge(placed))
-                    self._mc_ops.append(("place", st.rid, a.node, phys))
+                    self._mc_ops.append(PlaceGist(row=st.side_rows[b], slot=phys))
                     st.written[a.node] = st.sealed_pos[a.node[1]]
                     st.stats.placed_gists += 1
                     st.stats.collapses += 1
@@ -260,7 +326,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                 by_delta.setdefault(new - old, []).append(slots[key])
                 st.written[key] = new
         for delta, phys in sorted(by_delta.items()):
-            self._mc_ops.append(("rot", delta, phys))
+            self._mc_ops.append(RotateKeys(delta, phys))
             st.stats.rerotated_slots += len(phys)
 
     def _seal_ready_blocks(self, st: MCRequest) -> None:
@@ -292,44 +358,54 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     # ---- schedule ----------------------------------------------------------------------
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        for rid, st in self.mc.items():
+        for rid, st in list(self.mc.items()):
             request = self.requests.get(rid)
             if request is None or request.num_computed_tokens != st.layout.num_computed:
                 continue  # preempted / waiting: vLLM recomputes the mirror first
-            t0 = time.perf_counter()
-            self._seal_ready_blocks(st)
-            if st.queued:
-                self._apply_actions(st, st.queued)
-                st.queued = []
-            self._feed(request, st)
-            self._sync_request(request, st)
-            if st.outputs_seen:
-                st.stats.scheduler_seconds += time.perf_counter() - t0
+            self._guard(rid, self._before_schedule, request, st)
         out = super().schedule(*args, **kwargs)
         step = MCStep(ops=self._mc_ops, configs=self._mc_new_configs)
         self._mc_ops, self._mc_new_configs = [], {}
-        cached = out.scheduled_cached_reqs
         for rid, n in out.num_scheduled_tokens.items():
             st = self.mc.get(rid)
-            if st is None:
-                continue
-            lay = st.layout
-            table = self.pages.table(rid)
-            lay.tail_pages = table[len(lay.lod0) :]
-            plan = step.plans[rid] = self._plan(st, n)
-            for c, pos in zip(lay.pending[:n], plan.positions, strict=True):
-                st.written[c[:2]] = pos
-            lay.computed(n)
-            if st.cfg.debug_invariants:
-                self._check_positions(st)
-            if st.table_dirty and rid in cached.req_ids:
-                i = cached.req_ids.index(rid)
-                cached.resumed_req_ids.add(rid)
-                cached.new_block_ids[i] = (table,)
-            st.table_dirty = False
-            st.stats.max_pages_held = max(st.stats.max_pages_held, lay.pages_held())
+            if st is not None and not self._guard(rid, self._after_schedule, out, step, st, n):
+                step.plans.pop(rid, None)  # finished with an error: the worker runs it plain
         out.mc_step = step
         return out
+
+    def _before_schedule(self, request: Any, st: MCRequest) -> None:
+        """Seal complete blocks, apply queued edits, feed the next ingest chunk."""
+        t0 = time.perf_counter()
+        self._seal_ready_blocks(st)
+        if st.queued:
+            self._apply_actions(st, st.queued)
+            st.queued = []
+        self._feed(request, st)
+        self._sync_request(request, st)
+        if st.outputs_seen:
+            st.stats.scheduler_seconds += time.perf_counter() - t0
+
+    def _after_schedule(self, out: Any, step: MCStep, st: MCRequest, n: int) -> None:
+        """The worker's plan for the ``n`` slots vLLM scheduled; a replaced block table
+        goes to the worker through the resumed-request path."""
+        rid = st.rid
+        cached = out.scheduled_cached_reqs
+        lay = st.layout
+        table = self.pages.table(rid)
+        lay.tail_pages = table[len(lay.lod0) :]
+        plan = step.plans[rid] = self._plan(st, n)
+        patches().set_sampling(self, self.requests[rid], out, plan.sample)
+        for c, pos in zip(lay.pending[:n], plan.positions, strict=True):
+            st.written[c[:2]] = pos
+        lay.computed(n)
+        if st.cfg.debug_invariants:
+            self._check_positions(st)
+        if st.table_dirty and rid in cached.req_ids:
+            i = cached.req_ids.index(rid)
+            cached.resumed_req_ids.add(rid)
+            cached.new_block_ids[i] = (table,)
+        st.table_dirty = False
+        st.stats.max_pages_held = max(st.stats.max_pages_held, lay.pages_held())
 
     def _plan(self, st: MCRequest, n: int) -> MCRequestPlan:
         pend = st.layout.pending
@@ -396,30 +472,43 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                     st.stats.decode_forward_tokens += n
                     # the worker's aux time is per step; charge it to the requests it served
                     st.stats.worker_aux_seconds += results.aux_seconds / len(results.forward_tokens)
+            for rid, err in results.failed.items():  # worker-side MegaContext errors
+                if rid in self.mc:
+                    self._fail(rid, RuntimeError(f"worker: {err}"))
         out = super().update_from_output(scheduler_output, model_runner_output)
         for rid in scheduler_output.num_scheduled_tokens:
             st = self.mc.get(rid)
             request = self.requests.get(rid)
-            if st is None or request is None or request.is_finished():
-                continue
-            t0 = time.perf_counter()
-            popped = st.layout.pop_seal_gist()
-            if popped is not None:
-                edit, block, phys = popped
-                self._mc_ops.append(("save", rid, (1, block), phys))
-                self._apply_edit(st, edit)
-                st.sealed_pos[block] = st.written.pop((1, block))
-                st.stats.seal_gists += 1
-            if rid in scores and len(scores[rid]) == len(st.wc.entries):
-                self._refocus(st, scores[rid])
-            new = request.output_token_ids[st.outputs_seen :]
-            st.outputs_seen += len(new)
-            for tok in new:
-                self._append_generated(st, int(tok))
-            self._sync_request(request, st)
-            if st.outputs_seen > 1:
-                st.stats.scheduler_seconds += time.perf_counter() - t0
+            if st is not None and request is not None and not request.is_finished():
+                self._guard(rid, self._after_output, request, st, scores.get(rid))
+        if self._failed:
+            patches().emit_error_outputs(out, self._failed)
+            self._failed = []
         return out
+
+    def _after_output(self, request: Any, st: MCRequest, scores: list[float] | None) -> None:
+        """After a step: stash a seal-time gist, refocus on LensNet's scores, record the
+        sampled tokens in the history."""
+        t0 = time.perf_counter()
+        popped = st.layout.pop_seal_gist()
+        if popped is not None:
+            edit, block, phys = popped
+            self._apply_edit(st, edit)
+            pos = st.written.pop((1, block))
+            if self._side_store_room(st):  # else the block falls back to a collapse-time gist
+                st.side_rows[block] = row = self._side_rows.pop()
+                self._mc_ops.append(SaveGist(slot=phys, row=row))
+                st.sealed_pos[block] = pos
+                st.stats.seal_gists += 1
+        if scores is not None and len(scores) == len(st.wc.entries):
+            self._refocus(st, scores)
+        new = request.output_token_ids[st.outputs_seen :]
+        st.outputs_seen += len(new)
+        for tok in new:
+            self._append_generated(st, int(tok))
+        self._sync_request(request, st)
+        if st.outputs_seen > 1:
+            st.stats.scheduler_seconds += time.perf_counter() - t0
 
     def _refocus(self, st: MCRequest, scores: list[float]) -> None:
         actions = st.alloc.plan(st.wc, scores, st.tree, headroom=K)
@@ -436,13 +525,31 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.wc.grow(st.tree.num_tokens)
         st.history_delta.append(tok)
         st.layout.pending.append(token_slot(hist, tok))
-        if st.cfg.gist_timing == "seal" and (hist + 1) % K == 0:
+        if st.cfg.gist_timing == "seal" and (hist + 1) % K == 0 and self._side_store_room(st):
             # the block completes with this token: its gist runs right after it, attending
             # to the block and the past only, then moves to the side store
             st.layout.pending.append(seal_gist_slot(hist // K))
             st.mirror_dirty = True  # vLLM must schedule the extra slot too
 
+    def _side_store_room(self, st: MCRequest) -> bool:
+        """A seal-time gist can be kept: a free side-store row, within the request's cap."""
+        return bool(self._side_rows) and len(st.side_rows) < self.mc_options.side_store_per_request
+
     # ---- preemption / finish -----------------------------------------------------------
+
+    def _release_retained_page(self) -> bool:
+        """Under memory pressure, before vLLM preempts anyone: free the oldest page of the
+        largest retained tier (expanding that block later recomputes its 32 tokens).
+        False when no MegaContext request holds a retained page."""
+        st = max((s for s in self.mc.values() if s.layout.retained),
+                 key=lambda s: len(s.layout.retained), default=None)
+        if st is None:
+            return False
+        block, page = st.layout.retained.popitem(last=False)
+        st.retained_pos.pop(block, None)
+        self.pages.free([page])
+        st.stats.released_retained += 1
+        return True
 
     def _preempt_request(self, request: Any, *args: Any, **kwargs: Any) -> None:
         super()._preempt_request(request, *args, **kwargs)
@@ -460,10 +567,12 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         rid = request.request_id
         st = self.mc.pop(rid, None)
         if st is not None:
-            # its queued side-store ops and options must not reach the worker after it forgot
-            # the request (page copies/rotations are harmless: ops run before any forward)
+            # its side-store rows go back; queued ops on them must not touch the next owner's
+            # (page copies/rotations are harmless: ops run before any forward)
+            rows = set(st.side_rows.values())
+            self._side_rows += rows
             self._mc_ops = [op for op in self._mc_ops
-                            if not (op[0] in ("save", "place") and op[1] == rid)]
+                            if not (isinstance(op, SaveGist | PlaceGist) and op.row in rows)]
             self._mc_new_configs.pop(rid, None)
             freed = st.layout.release_all()
             self.pages.free(freed)

@@ -26,11 +26,6 @@ from .vllm.options import (
 )
 from .vllm.plugin import SCHEDULER_CLS
 
-# The history's last tokens shown to vLLM as the prompt (the scheduler takes the history
-# from extra_args); they prime the detokenizer like the real prompt.
-STUB_TOKENS = 8
-
-
 def _is_mc(sp: Any) -> bool:
     return is_megacontext(getattr(sp, "extra_args", None))
 
@@ -85,10 +80,12 @@ class MegaContextLLM:
         """(vLLM prompt, sampling params, full history ids or None for a plain request).
 
         The history travels in ``extra_args["mc_prompt"]`` (an ``mc_prompt`` the caller set
-        wins over the prompt, as over HTTP). vLLM itself sees the history's last few tokens
-        and the prompt text: they prime the detokenizer as vanilla vLLM's prompt would
-        (a prompt ending inside a UTF-8 character, a leading space) and keep
-        ``RequestOutput.prompt``. Raises ValueError for bad MegaContext inputs."""
+        wins over the prompt, as over HTTP). vLLM itself sees the prompt text and as much of
+        the history as fits its prompt + output row (all of it when it fits max_model_len):
+        its detokenizer is primed with the whole prompt (``tokenizers.DecodeStream``), and
+        its first output text depends on every primed token when the prompt ends inside a
+        UTF-8 character. The scheduler replaces vLLM's token list with the working
+        context's. Raises ValueError for bad MegaContext inputs."""
         if not (megacontext or _is_mc(sp)):
             return prompt, sp, None
         sp = copy.copy(sp)  # shallow: only extra_args is replaced
@@ -106,8 +103,8 @@ class MegaContextLLM:
             raise ValueError(f"mc={extra[ENABLE_KEY]!r}: MegaContext is switched off, but "
                              "generate(megacontext=True) asks for it")
         ids = list(extra[PROMPT_KEY])
-        # vLLM's worker holds prompt + output tokens in a max_model_len row
-        k = max(1, min(STUB_TOKENS, self.max_model_len - (sp.max_tokens or 0)))
+        # as much of the history as vLLM's prompt + output row (max_model_len) can hold
+        k = max(1, min(len(ids), self.max_model_len - (sp.max_tokens or 0)))
         vp: dict[str, Any] = {"prompt_token_ids": ids[-k:]}
         if text is not None:
             vp["prompt"] = text

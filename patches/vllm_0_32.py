@@ -27,6 +27,7 @@ from mc_vllm.vllm.contract import (
     SCHEDULER_CLS,
     EngineSettings,
     UnsupportedEngineSetting,
+    check_engine,
     check_kv_layout,
 )
 from mc_vllm.vllm.kv_ops import KVTarget, Rope, SideStore
@@ -406,6 +407,9 @@ def wrap_create_engine_config(orig: Any) -> Any:
                 self.block_size = 32
             if self.async_scheduling is None:
                 self.async_scheduling = False
+            config = orig(self, *args, **kwargs)
+            check_engine(read_engine_settings(config))  # refuse now, not after model load
+            return config
         return orig(self, *args, **kwargs)
 
     return create_engine_config

@@ -26,6 +26,7 @@ from .vllm.options import (
 )
 from .vllm.plugin import SCHEDULER_CLS
 
+
 def _is_mc(sp: Any) -> bool:
     return is_megacontext(getattr(sp, "extra_args", None))
 

@@ -214,7 +214,11 @@ def wrap_initialize_kv_cache(orig: Any) -> Any:
         out = orig(self, *args, **kwargs)
         w = getattr(self, "_mc_worker", None)
         if w is not None:
-            w.target = _kv_target(self)
+            w.target = target = _kv_target(self)
+            store = w.side_store
+            if store is not None and store.data.shape[1] != len(target.caches):
+                # KV-sharing layers: fewer distinct caches than layers (sized down, not up)
+                w.side_store = SideStore.for_target(target, store.num_rows)
         return out
 
     return initialize_kv_cache

@@ -236,6 +236,11 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         self.failures[rid] = f"{type(err).__name__}: {err}"
         while len(self.failures) > 4096:
             self.failures.popitem(last=False)
+        st = self.mc.get(rid)
+        if st is not None and rid in self.requests:
+            # the edit may have stopped between the layout and vLLM's table: vLLM frees the
+            # table, so it must list exactly the pages the layout holds (none twice, none lost)
+            self.pages.set_table(rid, st.layout.table())
         self._failed += self.finish_requests(rid, patches().FINISHED_ERROR)
 
     def _guard(self, rid: str, fn: Any, *args: Any) -> bool:

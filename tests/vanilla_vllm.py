@@ -1,9 +1,12 @@
-"""Greedy outputs of *vanilla* vLLM (our plugin not loaded), for comparisons.
+"""Greedy outputs of one engine in its own process, for comparisons.
 
-    VLLM_PLUGINS=none python tests/vanilla_vllm.py MODEL IN.json OUT.json
+    VLLM_PLUGINS=none python tests/vanilla_vllm.py MODEL IN.json OUT.json   # vanilla vLLM
+    python tests/vanilla_vllm.py MODEL IN.json OUT.json                     # MegaContextLLM
 
-IN.json: {"prompts": [[ids...], ...], "max_tokens": N}. OUT.json: [[ids...], ...].
-Runs in its own process so that nothing of mc_vllm is imported or patched.
+IN.json: {"prompts": [[ids...], ...], "max_tokens": N, "max_model_len": L,
+"prefix_caching": bool, "extra_args": [dict or null per prompt] (MegaContextLLM only),
+"megacontext": {...}}. OUT.json: [[ids...], ...]. Vanilla runs with the plugin not
+loaded (asserted), so nothing of mc_vllm is imported or patched.
 """
 
 from __future__ import annotations
@@ -13,14 +16,25 @@ import os
 import sys
 
 if __name__ == "__main__":
-    assert os.environ.get("VLLM_PLUGINS") == "none", "run with VLLM_PLUGINS=none"
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     model, src, dst = sys.argv[1:4]
     spec = json.load(open(src))
-    llm = LLM(model=model, dtype="float32", block_size=32, enforce_eager=True,
-              max_model_len=spec.get("max_model_len", 2048), enable_prefix_caching=False)
-    sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], sp, use_tqdm=False)
-    assert "mc_vllm" not in sys.modules
+    kwargs = dict(dtype="float32", block_size=32, enforce_eager=True,
+                  max_model_len=spec.get("max_model_len", 2048),
+                  enable_prefix_caching=spec.get("prefix_caching", False))
+    extra = spec.get("extra_args") or [None] * len(spec["prompts"])
+    sps = [SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                          extra_args=e) for e in extra]
+    reqs = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    if os.environ.get("VLLM_PLUGINS") == "none":
+        from vllm import LLM
+
+        outs = LLM(model=model, **kwargs).generate(reqs, sps, use_tqdm=False)
+        assert "mc_vllm" not in sys.modules
+    else:
+        from mc_vllm.llm import MegaContextLLM
+
+        llm = MegaContextLLM(model, megacontext=spec.get("megacontext"), **kwargs)
+        outs = llm.generate(reqs, sps, use_tqdm=False)
     json.dump([list(o.outputs[0].token_ids) for o in outs], open(dst, "w"))

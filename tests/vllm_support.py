@@ -21,11 +21,23 @@ def prompts(lengths, seed=0) -> list[list[int]]:
     return [rng.integers(3, 2048, n).tolist() for n in lengths]
 
 
-def vanilla_outputs(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, tmp: Path) -> list[list[int]]:
+def vanilla_outputs(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, tmp: Path,
+                    **spec: Any) -> list[list[int]]:
+    """Greedy outputs of vanilla vLLM (plugin not loaded) in its own process."""
+    return engine_outputs(model_dir, prompt_ids, max_tokens, tmp, vanilla=True, **spec)
+
+
+def engine_outputs(model_dir: Path, prompt_ids: list[list[int]], max_tokens: int, tmp: Path,
+                   *, vanilla: bool, **spec: Any) -> list[list[int]]:
+    """Greedy outputs of a separate engine process: vanilla vLLM, or MegaContextLLM
+    (``spec``: prefix_caching, extra_args per prompt, megacontext; tests/vanilla_vllm.py)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     src, dst = tmp / "in.json", tmp / "out.json"
     src.write_text(json.dumps({"prompts": prompt_ids, "max_tokens": max_tokens,
-                               "max_model_len": W_MAX + 128}))
-    env = {**os.environ, "VLLM_PLUGINS": "none", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+                               "max_model_len": W_MAX + 128, **spec}))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if vanilla:
+        env["VLLM_PLUGINS"] = "none"
     subprocess.run([sys.executable, str(ROOT / "tests" / "vanilla_vllm.py"), str(model_dir),
                     str(src), str(dst)], check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -107,3 +107,39 @@ def test_kv_layout_is_chosen_by_backend():
     ]:
         with pytest.raises(UnsupportedEngineSetting, match=fix):
             check_kv_layout(backends, groups, block)
+
+
+def test_hand_written_engine_gets_megacontext_defaults(tiny_model_dir, monkeypatch):
+    """`vllm serve MODEL --scheduler-cls ...MCScheduler` (or only a ``megacontext`` section
+    in --additional-config) with vLLM's defaults otherwise: the plugin fills in block size
+    32, sync scheduling and the V1 runner instead of refusing them; graphs/compile (vLLM's
+    default, indistinguishable from an explicit choice) are refused with --enforce-eager."""
+    from mc_vllm.vllm.contract import SCHEDULER_CLS
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    for args in ({"scheduler_cls": SCHEDULER_CLS},
+                 {"additional_config": {"megacontext": {"w_max": 512}}}):
+        with pytest.raises(UnsupportedEngineSetting, match="--enforce-eager"):
+            _config(tiny_model_dir, **args)  # vLLM's default compiles: refused, with the flag
+        cfg = _config(tiny_model_dir, enforce_eager=True, **args)
+        s = patches().read_engine_settings(cfg)
+        assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
+        assert s.block_size == 32 and not s.async_scheduling
+        import os
+
+        assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    plain = _config(tiny_model_dir)  # an engine without MegaContext keeps vLLM's choices
+    assert plain.cache_config.block_size == 128 and plain.scheduler_config.scheduler_cls is None
+
+
+def test_compile_is_refused_before_the_model_loads(tiny_model_dir):
+    """torch.compile / CUDA graphs would replay the token-id path: MegaContextLLM with
+    enforce_eager=False is refused at config time, naming --enforce-eager."""
+    import time
+
+    from mc_vllm.llm import MegaContextLLM
+
+    t0 = time.monotonic()
+    with pytest.raises(UnsupportedEngineSetting, match="enforce_eager=False.*--enforce-eager"):
+        MegaContextLLM(str(tiny_model_dir), dtype="float32", enforce_eager=False)
+    assert time.monotonic() - t0 < 30  # no model load, no KV profiling

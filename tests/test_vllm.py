@@ -410,3 +410,61 @@ def test_prefix_caching_serves_plain_requests_and_skips_megacontext_ones(
                              megacontext={"w_max": W_MAX, "retained_cap": RETAINED_CAP})
     assert [got[0], got[2], got[4]] == want_plain
     assert [got[1], got[3]] == want_mc
+
+
+def test_retained_pages_go_back_before_anyone_is_preempted(mc_llm):
+    """With the pool nearly exhausted, vLLM would preempt; MegaContext first gives back
+    pages of its retained tier (held outside any block table), so nobody is preempted."""
+    (p,) = prompts((5000,), seed=50)
+    sched = mc_llm.scheduler()
+    free0 = sched.pages.num_free()
+    mc_llm.add_request("press", {"prompt_token_ids": p}, mc_params(48, mc_w_max=512))
+    rid = scheduler_id(sched, "press")
+    hog: list[int] = []
+    state = {"released": 0}
+
+    def squeeze():
+        st = sched.mc.get(rid)
+        if st is None:
+            return
+        state["released"] = st.stats.released_retained
+        if len(st.layout.retained) >= 4 and not state["released"]:  # keep the pool empty
+            hog.extend(sched.pages.allocate() for _ in range(sched.pages.num_free()))
+
+    try:
+        outs = run_steps(mc_llm, squeeze)
+    finally:
+        sched.pages.free(hog)
+    assert len(outs["press"]) == 48 and hog
+    assert state["released"] >= 1
+    assert sched.requests.get(rid) is None and sched.pages.num_free() == free0
+    assert all(r.num_preemptions == 0 for r in sched.requests.values())
+
+
+def test_side_store_cap_falls_back_to_collapse_time_gists(mc_llm):
+    """Seal-time gists beyond the per-request cap are not computed (the block gets a
+    collapse-time gist); the request's side-store rows come back when it finishes."""
+    import dataclasses
+
+    sched = mc_llm.scheduler()
+    opts = sched.mc_options
+    rows0 = len(sched._side_rows)
+    sched.mc_options = dataclasses.replace(opts, side_store_per_request=1)
+    try:
+        (p,) = prompts((3000,), seed=51)
+        mc_llm.add_request("cap", {"prompt_token_ids": p},
+                           mc_params(100, mc_w_max=512, mc_gist_timing="seal"))
+        rid = scheduler_id(sched, "cap")
+        seen = {}
+
+        def watch():
+            st = sched.mc.get(rid)
+            if st is not None:
+                seen["stats"], seen["rows"] = st.stats, len(st.side_rows)
+
+        outs = run_steps(mc_llm, watch)
+    finally:
+        sched.mc_options = opts
+    assert len(outs["cap"]) == 100
+    assert seen["stats"].seal_gists == 1 and seen["rows"] == 1  # 3 blocks sealed in decode
+    assert len(sched._side_rows) == rows0

@@ -297,7 +297,8 @@ class SideStore:
         self, num_rows: int, num_layers: int, kv_heads: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str,
     ) -> None:
-        self.data = torch.empty(num_rows, num_layers, 2, kv_heads, head_dim,
+        # zeros, not empty: on CPU vLLM sizes the KV cache from RSS, so pages must be touched
+        self.data = torch.zeros(num_rows, num_layers, 2, kv_heads, head_dim,
                                 dtype=dtype, device=device)
 
     @classmethod

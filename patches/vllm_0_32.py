@@ -60,8 +60,9 @@ def read_engine_settings(vllm_config: Any) -> EngineSettings:
         prefill_context_parallel_size=par.prefill_context_parallel_size,
         kv_transfer=vllm_config.kv_transfer_config is not None,
         kv_cache_dtype=str(vllm_config.cache_config.cache_dtype),
-        compiled=(cc.mode not in (None, CompilationMode.NONE)
-                  or cc.cudagraph_mode not in (None, CUDAGraphMode.NONE)),
+        torch_compile=cc.mode not in (None, CompilationMode.NONE),
+        cuda_graphs=cc.cudagraph_mode not in (None, CUDAGraphMode.NONE),
+        prompt_embeds=bool(vllm_config.model_config.enable_prompt_embeds),
         prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
     )
 

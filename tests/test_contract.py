@@ -40,7 +40,7 @@ def test_megacontext_defaults_pass_and_keep_prefix_caching(tiny_model_dir):
     s = patches().read_engine_settings(cfg)
     check_engine(s)
     assert s.block_size == 32 and not s.async_scheduling and not s.v2_model_runner
-    assert not s.compiled
+    assert not s.torch_compile and not s.cuda_graphs
     assert s.prefix_caching  # vLLM's default stays on for plain requests
 
 
@@ -49,7 +49,14 @@ def test_megacontext_defaults_pass_and_keep_prefix_caching(tiny_model_dir):
 CASES = {
     "block_size": ({"block_size": 64}, None, "block_size=64", "--block-size 32"),
     "cpu_default_block_size": ({"block_size": None}, None, "block_size=128", "--block-size 32"),
-    "compile": ({"enforce_eager": False}, None, "enforce_eager=False", "--enforce-eager"),
+    "compile_without_prompt_embeds": ({"enforce_eager": False}, None, "enforce_eager=False",
+                                      "--enable-prompt-embeds (keeps torch.compile)"),
+    # CUDA's default with enforce_eager=False (the CPU platform has no graphs)
+    "cuda_graphs": ({"enforce_eager": False, "enable_prompt_embeds": True},
+                    lambda c: setattr(c.compilation_config, "cudagraph_mode",
+                                      __import__("vllm.config.compilation", fromlist=["x"])
+                                      .CUDAGraphMode.FULL_AND_PIECEWISE),
+                    "cudagraph_mode='not NONE'", '"cudagraph_mode": "NONE"'),
     "kv_cache_dtype": ({"kv_cache_dtype": "fp8"}, None, "kv_cache_dtype='fp8'",
                        "--kv-cache-dtype auto"),
     "pipeline_parallel": ({"pipeline_parallel_size": 2}, None, "pipeline_parallel_size=2",
@@ -79,6 +86,13 @@ def test_setting_is_refused_with_its_fix(tiny_model_dir, name):
         mutate(cfg)
     msg = _refused(cfg)
     assert setting in msg and fix in msg, msg
+
+
+def test_torch_compile_runs_on_the_prompt_embeddings_route(tiny_model_dir):
+    cfg = _mc_config(tiny_model_dir, enforce_eager=False, enable_prompt_embeds=True)
+    s = patches().read_engine_settings(cfg)
+    assert s.torch_compile and not s.cuda_graphs and s.prompt_embeds
+    check_engine(s)
 
 
 def test_v2_model_runner_is_refused(tiny_model_dir, monkeypatch):
@@ -133,13 +147,13 @@ def test_hand_written_engine_gets_megacontext_defaults(tiny_model_dir, monkeypat
 
 
 def test_compile_is_refused_before_the_model_loads(tiny_model_dir):
-    """torch.compile / CUDA graphs would replay the token-id path: MegaContextLLM with
-    enforce_eager=False is refused at config time, naming --enforce-eager."""
+    """torch.compile traced on token ids would drop injected gists: MegaContextLLM with
+    enforce_eager=False and no prompt-embeddings route is refused at config time."""
     import time
 
     from mc_vllm.llm import MegaContextLLM
 
     t0 = time.monotonic()
-    with pytest.raises(UnsupportedEngineSetting, match="enforce_eager=False.*--enforce-eager"):
+    with pytest.raises(UnsupportedEngineSetting, match="enforce_eager=False.*--enable-prompt-embeds"):
         MegaContextLLM(str(tiny_model_dir), dtype="float32", enforce_eager=False)
     assert time.monotonic() - t0 < 30  # no model load, no KV profiling

@@ -468,3 +468,21 @@ def test_side_store_cap_falls_back_to_collapse_time_gists(mc_llm):
     assert len(outs["cap"]) == 100
     assert seen["stats"].seal_gists == 1 and seen["rows"] == 1  # 3 blocks sealed in decode
     assert len(sched._side_rows) == rows0
+
+
+def test_torch_compile_on_the_prompt_embeddings_route_equals_eager(mc_llm, tiny_model_dir,
+                                                                   tmp_path):
+    """enforce_eager=False (torch.compile on; the CPU platform has no CUDA graphs) with
+    --enable-prompt-embeds: MegaContext's gist rows and positions are written in place into
+    the buffers the compiled model reads, so its output equals eager MegaContext's."""
+    ps = prompts((3000, 300, 5000), seed=60)
+    extra = [{"mc": 1, "mc_w_max": 512}, {"mc": 1, "mc_gist_timing": "seal"},
+             {"mc": 1, "mc_w_max": 512, "mc_gist_timing": "seal"}, None]
+    ps.append(ps[1])
+    sps = [SamplingParams(max_tokens=48, extra_args=e, **GREEDY) for e in extra]
+    eager = mc_llm.generate([{"prompt_token_ids": p} for p in ps], sps, use_tqdm=False)
+    compiled = engine_outputs(
+        tiny_model_dir, ps, 48, tmp_path, vanilla=False, extra_args=extra,
+        megacontext={"w_max": W_MAX, "retained_cap": RETAINED_CAP, "debug_invariants": True},
+        engine={"enforce_eager": False, "enable_prompt_embeds": True})
+    assert compiled == [list(o.outputs[0].token_ids) for o in eager]

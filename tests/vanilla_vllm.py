@@ -5,7 +5,7 @@
 
 IN.json: {"prompts": [[ids...], ...], "max_tokens": N, "max_model_len": L,
 "prefix_caching": bool, "extra_args": [dict or null per prompt] (MegaContextLLM only),
-"megacontext": {...}}. OUT.json: [[ids...], ...]. Vanilla runs with the plugin not
+"megacontext": {...}, "engine": {more LLM arguments}}. OUT.json: [[ids...], ...]. Vanilla runs with the plugin not
 loaded (asserted), so nothing of mc_vllm is imported or patched.
 """
 
@@ -23,6 +23,7 @@ if __name__ == "__main__":
     kwargs = dict(dtype="float32", block_size=32, enforce_eager=True,
                   max_model_len=spec.get("max_model_len", 2048),
                   enable_prefix_caching=spec.get("prefix_caching", False))
+    kwargs.update(spec.get("engine") or {})
     extra = spec.get("extra_args") or [None] * len(spec["prompts"])
     sps = [SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
                           extra_args=e) for e in extra]

@@ -52,7 +52,9 @@ class EngineSettings:
     prefill_context_parallel_size: int
     kv_transfer: bool  # a KV connector (disaggregated prefill, offloading)
     kv_cache_dtype: str  # "auto" = the model dtype
-    compiled: bool  # torch.compile or CUDA graphs in use (not enforce_eager)
+    torch_compile: bool  # the model runs through torch.compile (not enforce_eager)
+    cuda_graphs: bool  # CUDA graphs captured and replayed (cudagraph_mode != NONE)
+    prompt_embeds: bool  # --enable-prompt-embeds: every step feeds vLLM's embeddings buffer
     prefix_caching: bool  # allowed: MegaContext requests opt out
 
 
@@ -101,9 +103,16 @@ def refusals(s: EngineSettings) -> list[Refusal]:
     refuse(s.kv_cache_dtype != "auto", "kv_cache_dtype", s.kv_cache_dtype,
            "re-rotating and copying quantized KV (fp8/fp4 scales) is not supported",
            "--kv-cache-dtype auto")
-    refuse(s.compiled, "enforce_eager", False,
-           "CUDA graphs / torch.compile replay the token-id path and would drop MegaContext's "
-           "injected gist embeddings", "--enforce-eager")
+    # MegaContext writes its rows (gist vectors, per-slot positions) in place into vLLM's
+    # persistent input buffers. A compiled model reads them only on the prompt-embeddings
+    # route (checked on CPU: tests/test_vllm.py); replayed CUDA graphs are not checked yet.
+    refuse(s.cuda_graphs, "cudagraph_mode", "not NONE",
+           "CUDA-graph replay with MegaContext's in-place input rows is not verified yet",
+           "--enforce-eager, or keep torch.compile with "
+           "--compilation-config '{\"cudagraph_mode\": \"NONE\"}' --enable-prompt-embeds")
+    refuse(s.torch_compile and not s.prompt_embeds, "enforce_eager", False,
+           "a compiled model traced on token ids would drop MegaContext's injected gist "
+           "embeddings", "--enable-prompt-embeds (keeps torch.compile) or --enforce-eager")
     return out
 
 

@@ -143,11 +143,7 @@ def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     import os
 
-    from .vllm.contract import REQUIRED_ENV
-
     argv = serve_argv(args, extra)
-    for var, value in REQUIRED_ENV.items():
-        os.environ.setdefault(var, value)
     print("[mc-vllm] " + " ".join(argv[1:]), flush=True)
     os.execv(argv[0], argv)  # the server replaces this process (signals reach it directly)
     return 0  # not reached

@@ -14,7 +14,6 @@ from typing import Any
 
 from .core.config import BLOCK_SIZE
 from .vllm.compat import patches
-from .vllm.contract import REQUIRED_ENV, engine_kwargs
 from .vllm.options import (
     ADDITIONAL_KEY,
     ENABLE_KEY,
@@ -50,12 +49,12 @@ class MegaContextLLM:
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional["megacontext"] = self._mc_raw
         kwargs.setdefault("max_model_len", self.options.defaults.w_max + 4 * BLOCK_SIZE)
-        for var, value in REQUIRED_ENV.items():  # read when vLLM builds its config
-            os.environ.setdefault(var, value)
-        # What MegaContext needs (block size 32, sync scheduling, eager); a contradicting
-        # user value is kept and refused at start-up with the flag that fixes it.
+        # The plugin fills in what MegaContext needs (runner V1, block size 32, sync
+        # scheduling) where the arguments leave it open; eager by default here. A
+        # contradicting value is kept and refused at start-up with the flag that fixes it.
+        kwargs.setdefault("enforce_eager", True)
         self.llm = LLM(model=model, scheduler_cls=SCHEDULER_CLS, additional_config=additional,
-                       **engine_kwargs(kwargs))
+                       **kwargs)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.limits = FrontEndLimits.from_model_config(self.llm.llm_engine.model_config)
         self._batch = 0
@@ -89,7 +88,9 @@ class MegaContextLLM:
         context's. Raises ValueError for bad MegaContext inputs."""
         if not (megacontext or _is_mc(sp)):
             return prompt, sp, None
-        sp = copy.copy(sp)  # shallow: only extra_args is replaced
+        sp = copy.copy(sp)  # shallow: only extra_args (and an unset max_tokens) are replaced
+        if sp.max_tokens is None:  # as many as a MegaContext request may generate
+            sp.max_tokens = self.max_model_len - 2
         extra = dict(sp.extra_args or {})
         extra.setdefault(ENABLE_KEY, 1)
         embeds = isinstance(prompt, dict) and "prompt_embeds" in prompt
@@ -105,7 +106,7 @@ class MegaContextLLM:
                              "generate(megacontext=True) asks for it")
         ids = list(extra[PROMPT_KEY])
         # as much of the history as vLLM's prompt + output row (max_model_len) can hold
-        k = max(1, min(len(ids), self.max_model_len - (sp.max_tokens or 0)))
+        k = max(1, min(len(ids), self.max_model_len - sp.max_tokens))
         vp: dict[str, Any] = {"prompt_token_ids": ids[-k:]}
         if text is not None:
             vp["prompt"] = text
@@ -168,16 +169,23 @@ class MegaContextLLM:
         every completion of ``n > 1`` requests collected, and each MegaContext completion
         gets its ``mc_summary`` (the output's own ``mc_summary`` is its first one's)."""
         from tqdm import tqdm
+        from vllm.sampling_params import RequestOutputKind
 
         child_ids = patches().child_request_ids
         base = f"mc{id(self):x}-{self._batch}"
         self._batch += 1
         ids = [f"{base}-{i}" for i in range(len(prompts))]
         n = {rid: sp.n for rid, sp in zip(ids, sps, strict=True)}
-        internal = {
-            rid: child_ids(self.llm.llm_engine.add_request(rid, p, sp), n[rid])
-            for rid, p, sp in zip(ids, prompts, sps, strict=True)
-        }
+        internal: dict[str, list[str]] = {}
+        try:
+            for rid, p, sp in zip(ids, prompts, sps, strict=True):
+                # cumulative outputs: every completion is collected whole (DELTA would not)
+                sp = copy.copy(sp)
+                sp.output_kind = RequestOutputKind.CUMULATIVE
+                internal[rid] = child_ids(self.llm.llm_engine.add_request(rid, p, sp), n[rid])
+        except Exception:
+            self.abort(list(internal))  # like LLM.generate: no half-added batch keeps running
+            raise
         plen = {rid: len(f) if f is not None else 0 for rid, f in zip(ids, full_ids, strict=True)}
         total = sum((plen[r] + (sp.max_tokens or 0)) * n[r] for r, sp in zip(ids, sps, strict=True))
         bar = tqdm(total=total, unit="tok", desc="MegaContext", disable=not use_tqdm)

@@ -33,6 +33,8 @@ from mc_vllm.vllm.contract import (
 from mc_vllm.vllm.kv_ops import KVTarget, Rope, SideStore
 from mc_vllm.vllm.options import (
     ADDITIONAL_KEY,
+    ENABLE_KEY,
+    PROMPT_KEY,
     EngineOptions,
     FrontEndLimits,
     error_field,
@@ -63,7 +65,7 @@ def read_engine_settings(vllm_config: Any) -> EngineSettings:
         torch_compile=cc.mode not in (None, CompilationMode.NONE),
         cuda_graphs=cc.cudagraph_mode not in (None, CUDAGraphMode.NONE),
         prompt_embeds=bool(vllm_config.model_config.enable_prompt_embeds),
-        prefix_caching=bool(vllm_config.cache_config.enable_prefix_caching),
+        mrope=bool(vllm_config.model_config.uses_mrope),
     )
 
 
@@ -130,15 +132,17 @@ def guard_cache_blocks(scheduler: Scheduler, skip: Callable[[str], bool]) -> Non
 
 
 def guard_allocate_slots(scheduler: Scheduler, release_one: Callable[[], bool]) -> None:
-    """Before vLLM preempts anyone for lack of pages (``allocate_slots`` returns None:
-    v1/core/sched/scheduler.py ~776), free pages MegaContext holds outside block tables,
-    one at a time, while ``release_one`` finds one."""
+    """Before vLLM preempts anyone for lack of pages (a *running* request's
+    ``allocate_slots`` returns None: v1/core/sched/scheduler.py ~776), free pages
+    MegaContext holds outside block tables, one at a time, while ``release_one`` finds one.
+    A waiting request that does not fit waits, as in vanilla vLLM (~1256)."""
     kvm = scheduler.kv_cache_manager
     orig = kvm.allocate_slots
 
-    def allocate_slots(*args: Any, **kwargs: Any) -> Any:
-        while (blocks := orig(*args, **kwargs)) is None and release_one():
-            pass
+    def allocate_slots(request: Request, *args: Any, **kwargs: Any) -> Any:
+        blocks = orig(request, *args, **kwargs)
+        while blocks is None and request.status == RequestStatus.RUNNING and release_one():
+            blocks = orig(request, *args, **kwargs)
         return blocks
 
     kvm.allocate_slots = allocate_slots
@@ -151,7 +155,6 @@ def set_sampling(scheduler: Scheduler, request: Request, out: Any, sample: bool)
     request.is_prefill_chunk = not sample
     if sample and request.use_structured_output:
         out.has_structured_output_requests = True
-        scheduler._inflight_prefills.discard(request)
 
 
 def child_request_ids(parent: str, n: int) -> list[str]:
@@ -217,9 +220,10 @@ def wrap_initialize_kv_cache(orig: Any) -> Any:
         if w is not None:
             w.target = target = _kv_target(self)
             store = w.side_store
-            if store is not None and store.data.shape[1] != len(target.caches):
-                # KV-sharing layers: fewer distinct caches than layers (sized down, not up)
-                w.side_store = SideStore.for_target(target, store.num_rows)
+            if store is not None and store.data.shape[1] > len(target.caches):
+                # KV-sharing layers: fewer distinct caches than layers; keep the memory that
+                # was profiled, use a view of it
+                store.data = store.data[:, : len(target.caches)]
         return out
 
     return initialize_kv_cache
@@ -246,7 +250,10 @@ def _kv_target(runner: GPUModelRunner) -> KVTarget:
     try:  # compact positions re-rotate cached keys: pure rotations only (no YaRN mscale)
         ropes = Rope.from_modules(rotary)
     except ValueError as e:
-        raise UnsupportedEngineSetting(f"model: {e}") from None
+        raise UnsupportedEngineSetting(
+            f"model: {e}. MegaContext supports RoPE that is a pure "
+            "rotation (default, llama3 scaling); YaRN / LongRoPE / linear scaling are not "
+            "supported yet") from None
     return KVTarget.build(caches, kind, runner.cache_config.block_size, ropes)
 
 
@@ -370,11 +377,15 @@ def wrap_process_inputs(orig: Any) -> Any:
         if not extra:
             return req
         try:
+            if not runs_megacontext(self.vllm_config):
+                # other mc_* keys may belong to someone else's logits processor
+                if ENABLE_KEY in extra or PROMPT_KEY in extra:
+                    raise ValueError(f"mc: this engine does not run MegaContext (start it "
+                                     f"with --scheduler-cls {SCHEDULER_CLS}, or use "
+                                     "mc-vllm serve)")
+                return req
             if not is_megacontext(extra):
                 return req
-            if not runs_megacontext(self.vllm_config):
-                raise ValueError(f"mc: this engine does not run MegaContext (start it with "
-                                 f"--scheduler-cls {SCHEDULER_CLS}, or use mc-vllm serve)")
             limits = getattr(self, "_mc_limits", None)
             if limits is None:
                 limits = self._mc_limits = FrontEndLimits.from_model_config(self.model_config)

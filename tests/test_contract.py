@@ -13,7 +13,6 @@ from mc_vllm.vllm.contract import (  # noqa: E402
     UnsupportedEngineSetting,
     check_engine,
     check_kv_layout,
-    engine_kwargs,
 )
 
 
@@ -26,7 +25,10 @@ def _config(tiny_model_dir, monkeypatch=None, **kwargs):
 
 def _mc_config(tiny_model_dir, **user):
     """The config MegaContextLLM builds: the user's arguments plus the contract's."""
-    return _config(tiny_model_dir, **engine_kwargs(user))
+    # (without scheduler_cls, so that the plugin's config-time refusal does not fire
+    #  before the test reads the settings; test_hand_written_engine_... covers that path)
+    return _config(tiny_model_dir, **{"block_size": 32, "async_scheduling": False,
+                                      "enforce_eager": True, **user})
 
 
 def _refused(cfg) -> str:
@@ -41,7 +43,7 @@ def test_megacontext_defaults_pass_and_keep_prefix_caching(tiny_model_dir):
     check_engine(s)
     assert s.block_size == 32 and not s.async_scheduling and not s.v2_model_runner
     assert not s.torch_compile and not s.cuda_graphs
-    assert s.prefix_caching  # vLLM's default stays on for plain requests
+    assert cfg.cache_config.enable_prefix_caching  # vLLM's default stays on (plain requests)
 
 
 # (engine arguments, or a mutation of the finalised config for settings this CPU build
@@ -79,6 +81,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_setting_is_refused_with_its_fix(tiny_model_dir, name):
+    """The config MegaContextLLM builds, with one setting changed the way a user would."""
     args, mutate, setting, fix = CASES[name]
     user = {k: v for k, v in args.items() if v is not None}
     cfg = _config(tiny_model_dir, **user) if "block_size" in args else _mc_config(tiny_model_dir, **user)
@@ -86,6 +89,13 @@ def test_setting_is_refused_with_its_fix(tiny_model_dir, name):
         mutate(cfg)
     msg = _refused(cfg)
     assert setting in msg and fix in msg, msg
+
+
+def test_mrope_models_are_refused(tiny_model_dir, monkeypatch):
+    cfg = _mc_config(tiny_model_dir)
+    monkeypatch.setattr(type(cfg.model_config), "uses_mrope", property(lambda self: True))
+    msg = _refused(cfg)
+    assert "model='M-RoPE'" in msg and "1-D RoPE positions" in msg
 
 
 def test_torch_compile_runs_on_the_prompt_embeddings_route(tiny_model_dir):

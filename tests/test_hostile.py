@@ -66,18 +66,24 @@ def test_hostile_request_offline(mc_llm, plain_reference, case):
 
 
 def test_megacontext_failure_finishes_only_its_request(mc_llm, plain_reference, monkeypatch):
-    """A scheduler-side exception (during ingest) and a worker-side one (LensNet scoring
-    in decode), each in one request of a batch: that request ends with an error, the
-    others finish exactly as when run alone, and the engine keeps serving."""
+    """A scheduler-side exception before scheduling (ingest) and after vLLM scheduled the
+    step (planning, in decode), and a worker-side one (LensNet scoring), each in one
+    request of a batch: that request ends with an error, the others finish exactly as when
+    run alone (nobody ran on pages another one freed), and the engine keeps serving."""
     sched = mc_llm.scheduler()
     worker = runner(mc_llm)._mc_worker
-    long_a, long_b, long_c = prompts((2500, 2600, 2700), seed=32)
+    long_a, long_b, long_c, long_d = prompts((2500, 2600, 2700, 2800), seed=32)
     sp = SamplingParams(max_tokens=40, extra_args={"mc": 1, "mc_w_max": 512}, **GREEDY)
     (alone,) = mc_llm.generate([{"prompt_token_ids": long_c}], sp, use_tqdm=False)
     free0 = sched.pages.num_free()
 
-    feed, score = type(sched)._feed, worker.scorer.score
+    feed, score, plan = type(sched)._feed, worker.scorer.score, type(sched)._plan
     ids = {}
+
+    def bad_plan(self, st, n):
+        if st.rid == ids.get("plan") and st.outputs_seen >= 33:  # right after a refocus
+            raise RuntimeError("injected planning failure")
+        return plan(self, st, n)
 
     def bad_feed(self, request, st):
         if st.rid == ids.get("sched") and st.fed > 1000:
@@ -91,13 +97,16 @@ def test_megacontext_failure_finishes_only_its_request(mc_llm, plain_reference, 
 
     monkeypatch.setattr(type(sched), "_feed", bad_feed)
     monkeypatch.setattr(worker.scorer, "score", bad_score)
+    monkeypatch.setattr(type(sched), "_plan", bad_plan)
     mc_llm.add_request("fail-sched", {"prompt_token_ids": long_a}, sp)
     mc_llm.add_request("fail-work", {"prompt_token_ids": long_b}, sp)
     mc_llm.add_request("ok", {"prompt_token_ids": long_c}, sp)
+    mc_llm.add_request("fail-plan", {"prompt_token_ids": long_d}, sp)
     mc_llm.add_request("plain", {"prompt_token_ids": PLAIN_PROMPT},
                        SamplingParams(max_tokens=16, **GREEDY))
     ids["sched"] = scheduler_id(sched, "fail-sched")
     ids["work"] = scheduler_id(sched, "fail-work")
+    ids["plan"] = scheduler_id(sched, "fail-plan")
     done = {}
     for _ in range(2000):
         if not mc_llm.has_unfinished_requests():
@@ -107,6 +116,8 @@ def test_megacontext_failure_finishes_only_its_request(mc_llm, plain_reference, 
                 done[o.request_id] = o.outputs[0]
     assert done["fail-sched"].finish_reason == "error"
     assert done["fail-work"].finish_reason == "error"
+    assert done["fail-plan"].finish_reason == "error"
+    assert "injected planning failure" in sched.failures[ids["plan"]]
     assert "injected scheduler failure" in sched.failures[ids["sched"]]
     assert "injected worker failure" in sched.failures[ids["work"]]
     assert list(done["ok"].token_ids) == list(alone.outputs[0].token_ids)
@@ -114,3 +125,25 @@ def test_megacontext_failure_finishes_only_its_request(mc_llm, plain_reference, 
     assert sched.pages.num_free() == free0  # the failed requests' pages came back
     monkeypatch.undo()
     _plain_still_right(mc_llm, plain_reference)
+
+
+def test_a_refused_request_leaves_no_half_added_batch(mc_llm, plain_reference):
+    """One bad prompt in a batch: the whole call is refused and nothing of it keeps
+    running into the next call (as vLLM's LLM.generate)."""
+    (ok,) = prompts((2000,), seed=33)
+    sps = [SamplingParams(max_tokens=8, extra_args={"mc": 1}, **GREEDY),
+           SamplingParams(max_tokens=8, **GREEDY)]
+    too_long = {"prompt_token_ids": [5] * 5000}  # a plain prompt past max_model_len
+    with pytest.raises((ValueError, VLLMValidationError)):
+        mc_llm.generate([{"prompt_token_ids": ok}, too_long], sps, use_tqdm=False)
+    _plain_still_right(mc_llm, plain_reference)
+    assert not mc_llm.has_unfinished_requests()
+
+
+def test_max_tokens_none_generates_up_to_the_megacontext_limit(mc_llm):
+    """max_tokens=None: as many tokens as a MegaContext request may generate
+    (max_model_len - 2), whatever the history length."""
+    (p,) = prompts((3000,), seed=34)
+    sp = SamplingParams(max_tokens=None, extra_args={"mc": 1}, **GREEDY)
+    (out,) = mc_llm.generate([{"prompt_token_ids": p}], sp, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == mc_llm.max_model_len - 2

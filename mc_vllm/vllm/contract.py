@@ -10,8 +10,9 @@ honour with a message that names the setting and the flag that fixes it. No vLLM
 Settings that MegaContext makes right itself rather than refusing:
 - prefix caching: stays on for plain requests; MegaContext requests neither read nor
   write the prefix cache (their pages are edited in place);
-- model runner V1, sync scheduling, block size 32, eager mode: ``MegaContextLLM`` and
-  ``mc-vllm serve`` pass them (:data:`REQUIRED_ENV`, :func:`engine_kwargs`).
+- model runner V1 (:data:`REQUIRED_ENV`), sync scheduling, block size 32: the plugin
+  fills them in for a MegaContext engine where its arguments leave them open; eager mode
+  is ``MegaContextLLM``'s and ``mc-vllm serve``'s default.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ..core.config import BLOCK_SIZE
 
 SCHEDULER_CLS = "mc_vllm.vllm.scheduler.MCScheduler"  # --scheduler-cls
 
-# Environment the engine processes need (read by vLLM when its config is built).
+# Environment the engine processes need (vLLM reads it whenever it decides which model
+# runner to build, in every process). Set by the plugin when a MegaContext engine's config
+# is built; it stays set, so later engines in that process use runner V1 as well.
 REQUIRED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 
 # Attention backends whose KV layout mc_vllm.vllm.kv_ops knows, by vLLM backend name.
@@ -55,7 +58,7 @@ class EngineSettings:
     torch_compile: bool  # the model runs through torch.compile (not enforce_eager)
     cuda_graphs: bool  # CUDA graphs captured and replayed (cudagraph_mode != NONE)
     prompt_embeds: bool  # --enable-prompt-embeds: every step feeds vLLM's embeddings buffer
-    prefix_caching: bool  # allowed: MegaContext requests opt out
+    mrope: bool  # multimodal rotary positions ([3, tokens])
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,9 @@ def refusals(s: EngineSettings) -> list[Refusal]:
     refuse(s.kv_transfer, "kv_transfer_config", "set",
            "a KV connector would save or load pages that MegaContext edits in place",
            "remove --kv-transfer-config")
+    refuse(s.mrope, "model", "M-RoPE",
+           "multimodal rotary positions are [3, tokens]; MegaContext writes one position per "
+           "slot", "a model with 1-D RoPE positions")
     refuse(s.kv_cache_dtype != "auto", "kv_cache_dtype", s.kv_cache_dtype,
            "re-rotating and copying quantized KV (fp8/fp4 scales) is not supported",
            "--kv-cache-dtype auto")
@@ -154,14 +160,4 @@ def check_kv_layout(backends: set[str], num_kv_cache_groups: int, kernel_block_s
     return kinds.pop()  # type: ignore[return-value]
 
 
-def engine_kwargs(user: dict[str, Any]) -> dict[str, Any]:
-    """``vllm.LLM`` / engine arguments for a MegaContext engine: what MegaContext needs,
-    on top of the user's own. A user value that contradicts the contract is kept, so that
-    :func:`check_engine` refuses it at start-up with the fix, instead of being overridden
-    silently."""
-    out = dict(user)
-    out.setdefault("block_size", BLOCK_SIZE)
-    out.setdefault("async_scheduling", False)
-    out.setdefault("enforce_eager", True)
-    return out
 

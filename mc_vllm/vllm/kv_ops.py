@@ -172,8 +172,7 @@ class Rope:
         # bf16 rounds each of cos, sin by <= 2^-9 relative: |cos^2 + sin^2 - 1| <= ~eps/2
         eps = torch.finfo(cache.dtype).eps
         norm = cos.square() + sin.square() - 1
-        refuse = (f"{name} cannot re-rotate cached keys (compact positions); "
-                  'use position_mode="absolute" for this model')
+        refuse = f"{name} cannot re-rotate cached keys (compact positions)"
         if norm.abs().max() > eps or norm.mean().abs() > eps / 8:
             raise ValueError(f"{refuse}: its cos/sin are scaled (cos^2+sin^2-1 up to "
                              f"{norm.abs().max():.3g}, e.g. a YaRN/LongRoPE mscale)")

@@ -198,7 +198,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             super().add_request(request)
             return self._fail(request.request_id, e)
         super().add_request(request)
-        self._feed(request, st)
+        self._guard(request.request_id, self._feed, request, st)
 
     def _admit(self, request: Any, cfg: MCConfig) -> MCRequest:
         """MegaContext state for a new request. The history comes from ``mc_prompt`` (read,
@@ -397,6 +397,12 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         cached = out.scheduled_cached_reqs
         lay = st.layout
         table = self.pages.table(rid)
+        if st.table_dirty and rid in cached.req_ids:
+            # first: should planning fail below, the request still runs (plain, then
+            # finished with an error) on its own current pages, never on freed ones
+            cached.resumed_req_ids.add(rid)
+            cached.new_block_ids[cached.req_ids.index(rid)] = (table,)
+        st.table_dirty = False
         lay.tail_pages = table[len(lay.lod0) :]
         plan = step.plans[rid] = self._plan(st, n)
         patches().set_sampling(self, self.requests[rid], out, plan.sample)
@@ -405,11 +411,6 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         lay.computed(n)
         if st.cfg.debug_invariants:
             self._check_positions(st)
-        if st.table_dirty and rid in cached.req_ids:
-            i = cached.req_ids.index(rid)
-            cached.resumed_req_ids.add(rid)
-            cached.new_block_ids[i] = (table,)
-        st.table_dirty = False
         st.stats.max_pages_held = max(st.stats.max_pages_held, lay.pages_held())
 
     def _plan(self, st: MCRequest, n: int) -> MCRequestPlan:

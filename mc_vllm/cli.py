@@ -149,6 +149,24 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def cmd_train_gistnet(args: argparse.Namespace) -> int:
+    from .train.gistnet import GistTrainConfig, train_gistnet
+
+    cfg = GistTrainConfig(
+        model=args.model, out=args.out, levels=tuple(args.levels), steps=args.steps,
+        batch=args.batch, lr=args.lr, horizon=args.horizon, prefix_blocks=args.prefix_blocks,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, width=args.width,
+        n_layers=args.n_layers, n_heads=args.n_heads, device=args.device, dtype=args.dtype,
+        data=args.data or [], max_train_tokens=args.max_train_tokens,
+    )
+    report = train_gistnet(cfg, resume=not args.restart)
+    for level, r in report.items():
+        print(f"[mc-vllm] held-out {level}: ΔNLL@{cfg.horizon} gistnet {r['gistnet_dnll']:.4f} "
+              f"| mean-pool {r['meanpool_dnll']:.4f} | truncation {r['truncation_dnll']:.4f}")
+    print(f"[mc-vllm] GistNet saved in {cfg.out}")
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
 
@@ -184,6 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gistnet")
     p.add_argument("--lensnet")
     p.set_defaults(fn=cmd_serve, passthrough=True)
+
+    p = sub.add_parser("train-gistnet", help="train GistNet for a frozen HF causal LM")
+    p.add_argument("--model", required=True, help="HF model directory (frozen base model)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, then the net)")
+    p.add_argument("--levels", type=int, nargs="+", default=[1], choices=[1, 2],
+                   help="span levels: 1 (32 tokens), 2 (1024 tokens, from LOD1 gists)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--horizon", type=int, default=64, help="H: tokens scored after the span")
+    p.add_argument("--prefix-blocks", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="float32", help="the base model's dtype (bfloat16 on GPU)")
+    p.add_argument("--data", nargs="*", help="text files (default: the stdlib's *.py)")
+    p.add_argument("--max-train-tokens", type=int, default=2_000_000)
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
+    p.set_defaults(fn=cmd_train_gistnet)
 
     p = sub.add_parser("make-tiny-model", help="write the deterministic tiny Llama checkpoint")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))

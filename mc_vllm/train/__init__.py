@@ -1,0 +1,2 @@
+"""Training of MegaContext's small nets against a frozen base model (torch +
+transformers; never vLLM)."""

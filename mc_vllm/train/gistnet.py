@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core.config import BLOCK_SIZE
 from ..core.gistnet import GistNet, GistNetConfig, MeanPoolGist

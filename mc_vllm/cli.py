@@ -167,6 +167,20 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_base_model(args: argparse.Namespace) -> int:
+    from .train.base_model import BaseTrainConfig, train_base_model
+    from .tiny_model import make_tiny_model
+
+    cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)), out=args.out,
+                          seq_len=args.seq_len, steps=args.steps, batch=args.batch, lr=args.lr,
+                          seed=args.seed, answer_weight=args.answer_weight)
+    report = train_base_model(cfg)
+    print("[mc-vllm] held-out accuracy (whole sequence in context): "
+          + ", ".join(f"{k} {v:.0%}" for k, v in (report or {}).items()))
+    print(f"[mc-vllm] model saved in {cfg.out}")
+    return 0
+
+
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
 
@@ -224,6 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train-tokens", type=int, default=2_000_000)
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
     p.set_defaults(fn=cmd_train_gistnet)
+
+    p = sub.add_parser("train-base-model",
+                       help="train the tiny base model that can read (CPU, ~45 min)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer-from", default=str(DEFAULT_TINY_DIR),
+                   help="model dir with the bundled tokenizer (built if missing)")
+    p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--answer-weight", type=float, default=2.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_train_base_model)
 
     p = sub.add_parser("make-tiny-model", help="write the deterministic tiny Llama checkpoint")
     p.add_argument("dir", nargs="?", default=str(DEFAULT_TINY_DIR))

@@ -1,0 +1,173 @@
+"""Train the tiny base model that can read (``mc-vllm train-base-model``): a small Llama
+(4 layers, hidden 256, GQA 8 query / 2 KV heads, head_dim 32) with the bundled tokenizer,
+trained on CPU on the standard library's sources (held-out files kept for evaluation)
+mixed with synthetic long-range tasks (``tasks.py``: passkey, key→value, variable
+tracking, several surface forms each).
+
+Half of each batch is plain text windows, half task sequences with the needle at a random
+depth; the loss is the LM loss plus the answer tokens' loss again (they are a tiny share of
+the tokens, and retrieving them is the point). Deterministic from the seed; checkpoints
+resume to the same weights. The result is a HF model directory (config, safetensors,
+tokenizer) that vLLM and the reference runtime load like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import split_files, stdlib_files, token_stream
+from .tasks import KINDS, build_sequence, make_item
+
+ARCH: dict[str, Any] = dict(
+    vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+    num_attention_heads=8, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-5,
+    hidden_act="silu", tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    pad_token_id=0,
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class BaseTrainConfig:
+    tokenizer_from: str  # a model dir holding the bundled tokenizer (models/tiny-llama)
+    out: str
+    seq_len: int = 1024
+    max_position: int = 4096  # RoPE table; trained context is seq_len
+    steps: int = 1200
+    batch: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    seed: int = 0
+    checkpoint_every: int = 100
+    answer_weight: float = 1.0
+    max_train_tokens: int | None = 4_000_000
+
+
+def _lr(cfg: BaseTrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_batch(tok: Any, stream: Any, cfg: BaseTrainConfig, step: int, split: str = "train"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, L], answer mask [B, L]: True where a task's answer token is the
+    target). Deterministic in (seed, step, split)."""
+    rng = random.Random(f"{split}/{cfg.seed}/{step}")
+    ids, mask = [], []
+    for i in range(cfg.batch):
+        start = rng.randrange(0, len(stream) - cfg.seq_len)
+        filler = stream[start : start + cfg.seq_len]
+        m = [False] * cfg.seq_len
+        if i % 2 == 0:
+            seq = filler.tolist()
+        else:
+            item = make_item(rng.choice(KINDS), rng.randrange(1 << 30), split)
+            seq, a = build_sequence(tok, item, filler, cfg.seq_len, rng.random(), rng)
+            m[a:] = [True] * (cfg.seq_len - a)
+        ids.append(seq)
+        mask.append(m)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def lm_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, answer_weight: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, answer-token loss): next-token CE over all tokens + ``answer_weight`` ×
+    the mean CE of the answer tokens."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    amask = mask[:, 1:]
+    ans = (ce * amask).sum() / amask.sum().clamp(min=1)
+    return ce.mean() + answer_weight * ans, ans
+
+
+def answer_accuracy(model: Any, tok: Any, stream: Any, kind: str, n: int, seq_len: int,
+                    split: str = "eval") -> float:
+    """Greedy exact-match accuracy on ``n`` ``kind`` items (``split`` items, held-out
+    filler, needle depths spread evenly) with the whole sequence in context."""
+    hits = 0
+    for i in range(n):
+        item = make_item(kind, i, split)
+        rng = random.Random(f"{split}/acc/{kind}/{i}")
+        start = rng.randrange(0, len(stream) - seq_len)
+        seq, a = build_sequence(tok, item, stream[start : start + seq_len], seq_len,
+                                (i + 0.5) / n, rng)
+        x = torch.tensor([seq[:a]])
+        want = seq[a:]
+        with torch.no_grad():
+            out = model.generate(x, max_new_tokens=len(want), do_sample=False,
+                                 pad_token_id=0)[0, a:].tolist()
+        hits += out == want
+    return hits / n
+
+
+def train_base_model(cfg: BaseTrainConfig, *, progress: bool = True,
+                     stop_after: int | None = None) -> dict[str, Any] | None:
+    """Train (or resume) the tiny base model into ``cfg.out``; returns the evaluation
+    (None when ``stop_after`` interrupted the run after checkpointing that step)."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer_from)
+    model = LlamaForCausalLM(LlamaConfig(**ARCH, max_position_embeddings=cfg.max_position))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    ck_path, step = out / "checkpoint.pt", 0
+    if ck_path.exists():
+        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        if ck["config"] != asdict(cfg):
+            raise ValueError(f"{ck_path}: a checkpoint of another run ({ck['config']}); "
+                             "train into another directory")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    train_files, held_files = split_files(stdlib_files())
+    stream = token_stream(tok, train_files, cfg.max_train_tokens)
+    held = token_stream(tok, held_files, 300_000)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-base-model", disable=not progress)
+    log = open(out / "train_log.jsonl", "a")
+    model.train()
+    end = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    while step < end:
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        ids, mask = make_batch(tok, stream, cfg, step)
+        loss, ans = lm_loss(model, ids, mask, cfg.answer_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        log.write(json.dumps({"step": step, "loss": float(loss.detach()),
+                              "answer_loss": float(ans.detach())}) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}", ans=f"{float(ans.detach()):.3f}")
+        if step % cfg.checkpoint_every == 0 or step == end:
+            tmp = ck_path.with_suffix(".tmp")
+            torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(),
+                        "config": asdict(cfg)}, tmp)
+            os.replace(tmp, ck_path)
+    bar.close()
+    log.close()
+    if step < cfg.steps:
+        return None
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    for f in TOKENIZER_FILES:
+        shutil.copy(Path(cfg.tokenizer_from) / f, out / f)
+    report = {k: answer_accuracy(model, tok, held, k, 20, cfg.seq_len) for k in KINDS}
+    (out / "eval.json").write_text(json.dumps({"step": step, "accuracy": report}, indent=2) + "\n")
+    return report

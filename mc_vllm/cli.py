@@ -168,8 +168,8 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
 
 
 def cmd_train_base_model(args: argparse.Namespace) -> int:
-    from .train.base_model import BaseTrainConfig, train_base_model
     from .tiny_model import make_tiny_model
+    from .train.base_model import BaseTrainConfig, train_base_model
 
     cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)), out=args.out,
                           seq_len=args.seq_len, steps=args.steps, batch=args.batch, lr=args.lr,

@@ -100,14 +100,18 @@ class KVPages:
         request._all_token_ids[:] = token_ids
 
 
-def runs_megacontext(vllm_config: Any) -> bool:
-    """Whether the engine's scheduler is MegaContext's (``--scheduler-cls``)."""
-    from mc_vllm.vllm.scheduler import MCScheduler
-
-    cls = vllm_config.scheduler_config.scheduler_cls
+def is_mc_scheduler(cls: str | type | None) -> bool:
+    """Whether a ``--scheduler-cls`` value (dotted name or class) is MegaContext's."""
     if isinstance(cls, str):
         return cls == SCHEDULER_CLS or cls.endswith(".MCScheduler")
+    from mc_vllm.vllm.scheduler import MCScheduler
+
     return isinstance(cls, type) and issubclass(cls, MCScheduler)
+
+
+def runs_megacontext(vllm_config: Any) -> bool:
+    """Whether the engine's scheduler is MegaContext's."""
+    return is_mc_scheduler(vllm_config.scheduler_config.scheduler_cls)
 
 
 def opt_out_of_prefix_cache(request: Request) -> None:
@@ -313,7 +317,7 @@ def wrap_model_forward(orig: Any) -> Any:
                 i = self.input_batch.req_id_to_index[rid]
                 n = int(starts[i + 1] - starts[i])
                 if n != len(plan.tokens):  # scheduler and worker out of step: fail the request
-                    w._failed(rid, RuntimeError(f"{n} tokens scheduled, plan has {len(plan.tokens)}"))
+                    w.fail(rid, RuntimeError(f"{n} tokens scheduled, plan has {len(plan.tokens)}"))
                 rows_of[rid] = int(starts[i])
             inputs = w.forward_inputs(rows_of, self.model_config.dtype)
             if inputs is not None:
@@ -416,7 +420,7 @@ def wrap_create_engine_config(orig: Any) -> Any:
         cls = self.scheduler_cls
         if wants_mc and cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
             self.scheduler_cls = cls = SCHEDULER_CLS
-        if cls is not None and "MCScheduler" in str(getattr(cls, "__qualname__", cls)):
+        if is_mc_scheduler(cls):
             for var, value in REQUIRED_ENV.items():
                 os.environ.setdefault(var, value)
             if self.block_size is None:

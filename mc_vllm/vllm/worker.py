@@ -61,7 +61,8 @@ class MCWorker:
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_fn(ids.to(self.device))
 
-    def _failed(self, rid: str, err: BaseException) -> None:
+    def fail(self, rid: str, err: BaseException) -> None:
+        """Report one request failed (the scheduler finishes it with an error)."""
         self.results.failed.setdefault(rid, f"{type(err).__name__}: {err}")
 
     def begin_step(self, step: MCStep | None, finished: set[str]) -> None:
@@ -92,7 +93,7 @@ class MCWorker:
                     if plan.history:
                         self.trees[rid].append(plan.history)
                 except Exception as e:
-                    self._failed(rid, e)
+                    self.fail(rid, e)
         self.results.aux_seconds += time.perf_counter() - t0
 
     def forward_inputs(
@@ -115,7 +116,7 @@ class MCWorker:
                 tree = self.trees[rid]
                 vecs = [tree.gist(node) for node in plan.gists if node is not None]
             except Exception as e:
-                self._failed(rid, e)
+                self.fail(rid, e)
                 continue
             base = len(ids)
             start = rows_of[rid]
@@ -145,7 +146,7 @@ class MCWorker:
                     wc = WorkingContext(plan.score, tree.num_tokens, self.cfgs[rid].w_max)
                     res.scores[rid] = self.scorer.score(wc, tree)
                 except Exception as e:
-                    self._failed(rid, e)
+                    self.fail(rid, e)
         res.aux_seconds += time.perf_counter() - t0
         self.step = None  # a later dummy run (DP idle ranks, capture) must not see stale plans
         return res

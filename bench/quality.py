@@ -1,97 +1,294 @@
-"""How far KV reuse takes the vLLM runtime from the exact reference.
+"""Does MegaContext remember what truncation forgets? Quality against the baselines.
 
-    python bench/quality.py [--w-max 512] [--history-x 8] [--gen 32]
+    python bench/quality.py [--model models/tiny-reader] [--quick] [--out bench/results]
 
-For mixed content (code, prose, structured data from files every machine has) and both
-position modes, the same prompt runs through the vLLM runtime (KV pages reused across
-refocus edits, gist KV computed at collapse time) and the reference runtime (whole working
-context recomputed every step), with the same ingest chunks, allocator and scorer, so the
-working contexts match and the only difference is KV reuse. Reports greedy agreement.
+On the same held-out items (task seeds from the ``eval`` stream, filler from held-out
+standard-library files, neither seen in training) it compares:
+
+* ``full``: vanilla vLLM with the whole history (only where it fits the model's trained
+  context, ``--full-context``);
+* ``truncation``: vanilla vLLM with the most recent ``W_max`` tokens (BOS kept first);
+* ``sink_window``: StreamingLLM's policy at the same budget: the first 4 tokens (attention
+  sinks) + the most recent ``W_max − 4`` (positions contiguous, as in its rolling cache);
+* ``mc_meanpool_heuristic``: MegaContext with mean-pool gists and the heuristic scorer
+  (exact reference runtime);
+* ``mc_trained_ref``: MegaContext with the shipped GistNet and LensNet, exact reference
+  runtime (whole working context recomputed every step);
+* ``mc_trained_vllm``: the same in vLLM swap mode (paged KV, refocus as block-table edits).
+
+Metrics: passkey exact-match accuracy at histories 2×, 8× and 32× W_max, the needle at 10
+depths; key→value and variable-tracking accuracy at 8× W_max; ΔNLL@64 against full context
+on held-out text (history 2 × W_max − 64, each of the 64 tokens scored as the next token of
+its own prompt, so every method sees the same prompts). Writes ``quality.json``,
+``quality.png`` (accuracy vs history length per method; depth × length heatmap for
+MegaContext in vLLM) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import sysconfig
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("full", "truncation", "sink_window", "mc_meanpool_heuristic", "mc_trained_ref",
+           "mc_trained_vllm")
+MULTS = (2, 8, 32)
+DEPTHS = 10
+SINKS = 4
+RESERVE = 8  # budget kept for the answer tokens by the truncating baselines
+HORIZON = 64
 
 
-def texts() -> dict[str, str]:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
-    for f in sorted(stdlib.glob("*.py"))[:120]:
-        try:
-            d = ast.get_docstring(ast.parse(f.read_text(encoding="utf-8")))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        if d:
-            docs.append(d)
-    cfg = sysconfig.get_config_vars()
-    return {
-        "code": (stdlib / "argparse.py").read_text(encoding="utf-8"),
-        "prose": "\n\n".join(docs),
-        "structured": json.dumps(cfg, indent=1, sort_keys=True, default=str),
-    }
+@dataclass
+class QItem:
+    kind: str
+    mult: int  # history length in W_max
+    depth: float
+    seed: int
+    prompt: list[int]
+    answer: list[int]
+
+
+def make_items(tok, stream: np.ndarray, w_max: int, n_tasks: int, depths: int) -> list[QItem]:
+    """Passkey items at every (length, depth); kv and vartrack items at 8× W_max."""
+    from mc_vllm.train.tasks import build_sequence, make_item
+
+    specs = [("passkey", m, (d + 0.5) / depths, m * 100 + d) for m in MULTS for d in range(depths)]
+    specs += [(k, 8, (i + 0.5) / n_tasks, 10_000 + i) for k in ("kv", "vartrack")
+              for i in range(n_tasks)]
+    items = []
+    for kind, mult, depth, seed in specs:
+        rng = random.Random(f"quality/{kind}/{seed}")
+        length = mult * w_max
+        start = rng.randrange(0, len(stream) - length)
+        ids, a = build_sequence(tok, make_item(kind, seed, "eval"), stream[start : start + length],
+                                length, depth, rng)
+        items.append(QItem(kind, mult, depth, seed, ids[:a], ids[a:]))
+    return items
+
+
+def view(method: str, prompt: list[int], w_max: int) -> list[int]:
+    """What a vanilla baseline shows the model of ``prompt`` within ``w_max``."""
+    room = w_max - RESERVE
+    if method == "truncation" and len(prompt) > room:
+        return [prompt[0]] + prompt[-(room - 1):]
+    if method == "sink_window" and len(prompt) > room:
+        return prompt[:SINKS] + prompt[-(room - SINKS):]
+    return prompt
+
+
+def text_prompts(stream: np.ndarray, w_max: int, n: int) -> list[tuple[list[int], int]]:
+    """(prompt, next token) pairs: ``n`` held-out windows, each of its 64 horizon tokens."""
+    hist = 2 * w_max - HORIZON
+    rng = random.Random("quality/text")
+    out = []
+    for _ in range(n):
+        s = rng.randrange(0, len(stream) - hist - HORIZON)
+        w = [1] + stream[s : s + hist - 1 + HORIZON].tolist()
+        out += [(w[: hist + t], w[hist + t]) for t in range(HORIZON)]
+    return out
+
+
+class Runner:
+    """One vLLM engine (vanilla and MegaContext requests) and the reference runtimes."""
+
+    def __init__(self, model: str, w_max: int, full_context: int) -> None:
+        import torch
+
+        from mc_vllm.core.config import MCConfig
+        from mc_vllm.llm import MegaContextLLM
+        from mc_vllm.reference import ReferenceRuntime
+
+        torch.set_grad_enabled(False)
+        self.w_max, self.full_context = w_max, full_context
+        self.llm = MegaContextLLM(model, dtype="float32", max_model_len=max(1024, full_context))
+        cfg = MCConfig.from_dict({**self.llm.options.defaults.to_dict(), "w_max": w_max})
+        self.chunk = min(self.llm.options.max_chunk, w_max // 2)
+        self.refs = {
+            "mc_meanpool_heuristic": ReferenceRuntime.from_pretrained(model, cfg, use_stack=False),
+            "mc_trained_ref": ReferenceRuntime.from_pretrained(model, cfg),
+        }
+        self.mc_args = {"mc": 1, "mc_w_max": w_max}
+
+    def fits(self, method: str, n: int) -> bool:
+        return method != "full" or n <= self.full_context
+
+    def answers(self, method: str, items: list[QItem]) -> list[list[int] | None]:
+        """Greedy answers (as many tokens as the true answer); None where ``method`` does
+        not apply (full context beyond the model's trained context)."""
+        from vllm import SamplingParams
+
+        if method in self.refs:
+            rt = self.refs[method]
+            return [rt.generate(it.prompt, len(it.answer), ingest_chunk=self.chunk).token_ids
+                    for it in items]
+        todo = [i for i, it in enumerate(items) if self.fits(method, len(it.prompt) + len(it.answer))]
+        mc = method == "mc_trained_vllm"
+        prompts = [{"prompt_token_ids": items[i].prompt if mc else
+                    view(method, items[i].prompt, self.w_max)} for i in todo]
+        sps = [SamplingParams(temperature=0, max_tokens=len(items[i].answer), ignore_eos=True,
+                              extra_args=dict(self.mc_args) if mc else None) for i in todo]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        got: list[list[int] | None] = [None] * len(items)
+        for i, o in zip(todo, outs, strict=True):
+            got[i] = list(o.outputs[0].token_ids)
+        return got
+
+    def nll(self, method: str, pairs: list[tuple[list[int], int]]) -> float | None:
+        """Mean next-token NLL (nats) of the pairs; None where ``method`` does not apply."""
+        from vllm import SamplingParams
+
+        if method in self.refs:
+            rt = self.refs[method]
+            lp = [float(rt.generate(p, 1, ingest_chunk=self.chunk).first_logprobs[t])
+                  for p, t in pairs]
+            return -float(np.mean(lp))
+        if not all(self.fits(method, len(p) + 1) for p, _ in pairs):
+            return None
+        mc = method == "mc_trained_vllm"
+        prompts = [{"prompt_token_ids": p if mc else view(method, p, self.w_max)} for p, _ in pairs]
+        # the raw log-prob of the allowed token (vLLM's default logprobs_mode, raw_logprobs)
+        sps = [SamplingParams(temperature=0, max_tokens=1, allowed_token_ids=[t], logprobs=0,
+                              extra_args=dict(self.mc_args) if mc else None) for _, t in pairs]
+        outs = self.llm.generate(prompts, sps, use_tqdm=False)
+        lp = [o.outputs[0].logprobs[0][t].logprob for o, (_, t) in zip(outs, pairs, strict=True)]
+        return -float(np.mean(lp))
+
+
+def summarize(items: list[QItem], got: dict[str, list], nll: dict[str, float | None]) -> dict:
+    table: dict[str, dict[str, float | None]] = {}
+    for m in METHODS:
+        row: dict[str, float | None] = {}
+        for kind, mult in [("passkey", x) for x in MULTS] + [("kv", 8), ("vartrack", 8)]:
+            sel = [(it, g) for it, g in zip(items, got[m], strict=True)
+                   if it.kind == kind and it.mult == mult and g is not None]
+            row[f"{kind}@{mult}x"] = (round(sum(g == it.answer for it, g in sel) / len(sel), 3)
+                                      if sel else None)
+        row["dnll64"] = (round(nll[m] - nll["full"], 4)
+                         if nll.get(m) is not None and nll.get("full") is not None else None)
+        row["nll64"] = round(nll[m], 4) if nll.get(m) is not None else None
+        table[m] = row
+    return table
+
+
+def heatmap(items: list[QItem], got: list) -> dict[str, list]:
+    """Passkey accuracy by [mult][depth] for one method."""
+    out = {}
+    for m in MULTS:
+        sel = sorted((it.depth, g == it.answer) for it, g in zip(items, got, strict=True)
+                     if it.kind == "passkey" and it.mult == m and g is not None)
+        out[str(m)] = [int(h) for _, h in sel]
+    return out
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table, w = result["table"], result["w_max"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for m in METHODS:
+        xs = [x * w for x in MULTS if table[m][f"passkey@{x}x"] is not None]
+        ys = [table[m][f"passkey@{x}x"] for x in MULTS if table[m][f"passkey@{x}x"] is not None]
+        if xs:
+            a.plot(xs, ys, marker="o", label=m)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("history length (tokens)")
+    a.set_ylabel("passkey accuracy")
+    a.set_ylim(-0.05, 1.05)
+    a.set_title(f"Passkey recall, W_max = {w}")
+    a.legend(fontsize=8)
+    hm = result["heatmap_mc_trained_vllm"]
+    grid = np.array([hm[str(m)] for m in MULTS], dtype=float)
+    im = b.imshow(grid.T, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="upper")
+    b.set_xticks(range(len(MULTS)), [f"{m}x ({m * w})" for m in MULTS])
+    b.set_yticks(range(grid.shape[1]), [f"{(d + 0.5) / grid.shape[1]:.2f}" for d in range(grid.shape[1])])
+    b.set_xlabel("history (× W_max)")
+    b.set_ylabel("needle depth")
+    b.set_title("MegaContext (trained, vLLM): passkey hit by depth × length")
+    fig.colorbar(im, ax=b)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(result: dict) -> None:
+    cols = [f"passkey@{m}x" for m in MULTS] + ["kv@8x", "vartrack@8x", "dnll64"]
+    print(f"\nW_max = {result['w_max']}; passkey n = {result['n_passkey']} per length, "
+          f"kv/vartrack n = {result['n_tasks']}, ΔNLL over {result['n_text']} held-out tokens")
+    print(f"{'method':<24}" + "".join(f"{c:>14}" for c in cols))
+    for m, row in result["table"].items():
+        cells = ["—" if row[c] is None else (f"{row[c]:+.4f}" if c == "dnll64" else f"{row[c]:.0%}")
+                 for c in cols]
+        print(f"{m:<24}" + "".join(f"{c:>14}" for c in cells))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(ROOT / "models" / "tiny-llama"))
-    ap.add_argument("--w-max", type=int, default=512)
-    ap.add_argument("--history-x", type=int, default=8)
-    ap.add_argument("--gen", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "models" / "tiny-reader"))
+    ap.add_argument("--w-max", type=int, default=None, help="default: the model's stack (256)")
+    ap.add_argument("--full-context", type=int, default=512,
+                    help="the model's trained context: full-context rows only up to it")
+    ap.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-    import torch
-    from transformers import AutoModelForCausalLM
-    from vllm import SamplingParams
+    from transformers import AutoTokenizer
 
-    from mc_vllm.core.config import MCConfig
-    from mc_vllm.llm import MegaContextLLM
-    from mc_vllm.reference import ReferenceRuntime
+    from mc_vllm.core.stack import read_stack
+    from mc_vllm.train.data import split_files, stdlib_files, token_stream
 
-    llm = MegaContextLLM(args.model, megacontext={"w_max": args.w_max}, dtype="float32",
-                         enforce_eager=True)
-    tok = llm.get_tokenizer()
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    chunk = min(llm.options.max_chunk, args.w_max // 2)
-    rows = []
-    for kind, text in texts().items():
-        ids = tok.encode(text, add_special_tokens=False)[: args.history_x * args.w_max]
-        for mode, timing in [(m, t) for m in ("compact", "absolute") for t in ("collapse", "seal")]:
-            sp = SamplingParams(temperature=0, max_tokens=args.gen, ignore_eos=True,
-                                extra_args={"mc": 1, "mc_position_mode": mode,
-                                            "mc_gist_timing": timing})
-            (out,) = llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
-            got = list(out.outputs[0].token_ids)
-            ref = ReferenceRuntime(hf, MCConfig(w_max=args.w_max, position_mode=mode))
-            want = ref.generate(ids, args.gen, ingest_chunk=chunk)
-            agree = next((i for i, (a, b) in enumerate(zip(got, want.token_ids, strict=True))
-                          if a != b), args.gen)
-            same = sum(a == b for a, b in zip(got, want.token_ids, strict=True))
-            rows.append({
-                "content": kind, "mode": mode, "gist_timing": timing, "history": len(ids),
-                "first_token_equal": got[0] == want.token_ids[0],
-                "agree_prefix": agree, "token_match": round(same / args.gen, 3),
-                "wc_levels_vllm": out.mc_summary.wc_entries_by_level,
-                "wc_levels_ref": want.stats.wc_entries_by_level,
-            })
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\nW_max={args.w_max}, history {args.history_x}x W_max, {args.gen} greedy tokens")
-    for mode in ("compact", "absolute"):
-        for timing in ("collapse", "seal"):
-            sel = [r for r in rows if r["mode"] == mode and r["gist_timing"] == timing]
-            n = len(sel)
-            print(f"{mode:>8} / {timing:<8}: first token equal "
-                  f"{sum(r['first_token_equal'] for r in sel)}/{n}; mean agreeing prefix "
-                  f"{sum(r['agree_prefix'] for r in sel) / n:.1f}/{args.gen}; mean token match "
-                  f"{sum(r['token_match'] for r in sel) / n:.2f}")
+    stack = read_stack(args.model)
+    w_max = args.w_max or (stack.defaults.get("w_max") if stack else None) or 256
+    tok = AutoTokenizer.from_pretrained(args.model)
+    held = token_stream(tok, split_files(stdlib_files())[1], 200_000)
+    n_tasks, depths, n_text = (4, 4, 1) if args.quick else (20, DEPTHS, 8)
+    items = make_items(tok, held, w_max, n_tasks, depths)
+    pairs = text_prompts(held, w_max, n_text)
+    run = Runner(args.model, w_max, args.full_context)
+    got: dict[str, list] = {}
+    nll: dict[str, float | None] = {}
+    seconds: dict[str, float] = {}
+    for m in METHODS:
+        if m not in args.methods:
+            got[m], nll[m] = [None] * len(items), None
+            continue
+        t0 = time.perf_counter()
+        got[m] = run.answers(m, items)
+        nll[m] = run.nll(m, pairs)
+        seconds[m] = round(time.perf_counter() - t0, 1)
+        print(f"[quality] {m}: {seconds[m]} s", flush=True)
+    result = {
+        "model": Path(args.model).name, "w_max": w_max, "full_context": args.full_context,
+        "n_passkey": depths, "n_tasks": n_tasks, "n_text": len(pairs),
+        "table": summarize(items, got, nll),
+        "heatmap_mc_trained_vllm": heatmap(items, got["mc_trained_vllm"]),
+        "seconds": seconds,
+        "items": [{**{k: v for k, v in asdict(it).items() if k != "prompt"},
+                   "prompt_len": len(it.prompt), **{m: got[m][i] for m in METHODS}}
+                  for i, it in enumerate(items)],
+        "command": "python bench/quality.py" + (" --quick" if args.quick else ""),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "quality_quick" if args.quick else "quality"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot(result, out / f"{name}.png")
+    print_table(result)
+    print(f"\n[quality] wrote {out / name}.json and .png")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .vllm.contract import SCHEDULER_CLS
 
-DEFAULT_TINY_DIR = Path("models/tiny-llama")
+DEFAULT_TINY_DIR = Path("models/tiny-llama")  # random weights, built on demand (unit tests)
+DEFAULT_READER_DIR = Path("models/tiny-reader")  # the trained tiny stack (committed)
 
 
 def _add_mc_options(p: argparse.ArgumentParser) -> None:
@@ -118,10 +119,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tiny_model import make_tiny_model
+    from .demo import run_demo
 
-    args.model = str(make_tiny_model(args.model))
-    return _run_generate(args, demo_text())
+    if not (Path(args.model) / "config.json").is_file():
+        print(f"mc-vllm demo: no model in {args.model} (the trained tiny stack ships in "
+              f"{DEFAULT_READER_DIR}; train one with mc-vllm train-base-model)", file=sys.stderr)
+        return 2
+    return run_demo(args.model, mult=args.history_x, depth=args.depth, seed=args.seed,
+                    w_max=args.w_max)
 
 
 def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -158,6 +163,7 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
         seed=args.seed, checkpoint_every=args.checkpoint_every, width=args.width,
         n_layers=args.n_layers, n_heads=args.n_heads, device=args.device, dtype=args.dtype,
         data=args.data or [], max_train_tokens=args.max_train_tokens,
+        lod2_teacher=args.lod2_teacher,
     )
     report = train_gistnet(cfg, resume=not args.restart)
     for level, r in report.items():
@@ -167,12 +173,33 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lensnet(args: argparse.Namespace) -> int:
+    from .train.lensnet import LensTrainConfig, train_lensnet
+
+    cfg = LensTrainConfig(
+        model=args.model, out=args.out, gistnet=args.gistnet or "", w_max=args.w_max,
+        history_x=tuple(args.history_x), steps=args.steps, samples=args.samples, lr=args.lr,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, width=args.width,
+        device=args.device, dtype=args.dtype, data=args.data or [],
+        max_train_tokens=args.max_train_tokens, eval_samples=args.eval_samples,
+    )
+    r = train_lensnet(cfg, resume=not args.restart)
+    print(f"[mc-vllm] held-out: the top-scored gist holds the fact in "
+          f"{r['lensnet_needle_top1']:.0%} of task samples (heuristic scorer: "
+          f"{r['heuristic_needle_top1']:.0%}); regression {r['eval_reg']:.4f}, "
+          f"ranking {r['eval_rank']:.4f}")
+    print(f"[mc-vllm] LensNet saved in {cfg.out}")
+    return 0
+
+
 def cmd_train_base_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
     from .train.base_model import BaseTrainConfig, train_base_model
 
     cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)), out=args.out,
-                          seq_len=args.seq_len, steps=args.steps, batch=args.batch, lr=args.lr,
+                          seq_len=args.seq_len, max_position=args.max_position,
+                          steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                          text_share=args.text_share, copy_share=args.copy_share,
                           seed=args.seed, answer_weight=args.answer_weight)
     report = train_base_model(cfg)
     print("[mc-vllm] held-out accuracy (whole sequence in context): "
@@ -193,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mc-vllm", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("demo", help="MegaContext generation over a long input on the tiny model")
-    p.add_argument("--model", default=str(DEFAULT_TINY_DIR))
-    _add_mc_options(p)
+    p = sub.add_parser("demo", help="recall of a fact buried far beyond W_max, on the trained "
+                       "tiny stack, against truncation")
+    p.add_argument("--model", default=str(DEFAULT_READER_DIR))
+    p.add_argument("--history-x", type=int, default=8, help="document length, in W_max")
+    p.add_argument("--depth", type=float, default=0.15, help="where the fact sits (0..1)")
+    p.add_argument("--seed", type=int, default=7, help="held-out item (eval split)")
+    p.add_argument("--w-max", type=int, default=None, help="default: the model's stack")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("generate", help="MegaContext generation for one prompt")
@@ -236,8 +267,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="the base model's dtype (bfloat16 on GPU)")
     p.add_argument("--data", nargs="*", help="text files (default: the stdlib's *.py)")
     p.add_argument("--max-train-tokens", type=int, default=2_000_000)
+    p.add_argument("--lod2-teacher", choices=["raw", "lod1"], default="raw",
+                   help="LOD2 target: the raw 1024-token span in context, or its 32 LOD1 gists "
+                        "(for a base model trained on shorter contexts)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
     p.set_defaults(fn=cmd_train_gistnet)
+
+    p = sub.add_parser("train-lensnet", help="train LensNet for a frozen HF causal LM")
+    p.add_argument("--model", required=True, help="HF model directory (frozen base model)")
+    p.add_argument("--gistnet", help="the model's trained GistNet dir (default: mean-pool)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, then the net)")
+    p.add_argument("--w-max", type=int, default=256, help="W_max the contexts are built for")
+    p.add_argument("--history-x", type=float, nargs=2, default=[2.0, 8.0],
+                   metavar=("LO", "HI"), help="history length range, in W_max")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--samples", type=int, default=4, help="working contexts per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="float32", help="the base model's dtype (bfloat16 on GPU)")
+    p.add_argument("--data", nargs="*", help="text files (default: the stdlib's *.py)")
+    p.add_argument("--max-train-tokens", type=int, default=2_000_000)
+    p.add_argument("--eval-samples", type=int, default=24)
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
+    p.set_defaults(fn=cmd_train_lensnet)
 
     p = sub.add_parser("train-base-model",
                        help="train the tiny base model that can read (CPU, ~45 min)")
@@ -245,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-from", default=str(DEFAULT_TINY_DIR),
                    help="model dir with the bundled tokenizer (built if missing)")
     p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
-    p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-position", type=int, default=1024, help="RoPE table size")
+    p.add_argument("--steps", type=int, default=3400)
+    p.add_argument("--batch", type=int, default=8, help="rows of --seq-len tokens per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--text-share", type=float, default=0.2)
+    p.add_argument("--copy-share", type=float, default=0.3)
     p.add_argument("--answer-weight", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_base_model)

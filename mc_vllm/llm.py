@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .core.config import BLOCK_SIZE
+from .core.stack import with_stack
 from .vllm.compat import patches
 from .vllm.options import (
     ADDITIONAL_KEY,
@@ -44,7 +45,7 @@ class MegaContextLLM:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self._mc_raw = dict(megacontext or {})
+        self._mc_raw = with_stack(megacontext, model)  # the model's shipped nets/defaults
         self.options = EngineOptions.from_additional_config({"megacontext": self._mc_raw})
         additional = dict(kwargs.pop("additional_config", None) or {})
         additional["megacontext"] = self._mc_raw

@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .core.allocator import FocusAllocator, cold_start, ingest_room, recency_scores
+from .core.allocator import (
+    FocusAllocator,
+    cold_start,
+    ingest_room,
+    prompt_refocus_points,
+    recency_scores,
+)
 from .core.config import BLOCK_SIZE, MCConfig
 from .core.gistnet import MeanPoolGist
 from .core.lensnet import HeuristicScorer, Scorer
@@ -36,6 +42,7 @@ class MCStats:
     expands: int = 0
     collapses: int = 0
     actions: list[list[Action]] = field(default_factory=list)  # per refocus
+    answer_wc: list[tuple[int, int]] = field(default_factory=list)  # entries at token 1
 
     def summary(self) -> str:
         wc = describe(self.history_len, self.wc_entries_by_level, self.wc_cost, self.w_max)
@@ -46,6 +53,7 @@ class MCStats:
 class ReferenceOutput:
     token_ids: list[int]
     stats: MCStats
+    first_logprobs: torch.Tensor | None = None  # [vocab] log-probs of the first token
 
 
 class ReferenceRuntime:
@@ -65,6 +73,31 @@ class ReferenceRuntime:
         self.embed_dim = self._embed.weight.shape[1]
         self.gist_fn = gist_fn or MeanPoolGist(self.embed_dim)
         self.scorer = scorer or HeuristicScorer()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str, config: MCConfig | None = None, *,
+                        use_stack: bool = True, dtype: torch.dtype = torch.float32
+                        ) -> ReferenceRuntime:
+        """A HF model directory with its shipped stack (``megacontext.json``: GistNet,
+        LensNet, deployment defaults such as ``w_max``) unless ``use_stack=False`` (mean-pool
+        gists, heuristic focus). ``config`` overrides the stack's defaults entirely."""
+        from transformers import AutoModelForCausalLM
+
+        from .core.gistnet import load_gistnet
+        from .core.lensnet import load_lensnet
+        from .core.stack import read_stack
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        dim = model.get_input_embeddings().weight.shape[1]
+        stack = read_stack(model_dir) if use_stack else None
+        if stack is None:
+            return cls(model, config)
+        return cls(
+            model,
+            config or MCConfig.from_dict(stack.defaults),
+            gist_fn=load_gistnet(stack.gistnet, embed_dim=dim) if stack.gistnet else None,
+            scorer=load_lensnet(stack.lensnet, embed_dim=dim) if stack.lensnet else None,
+        )
 
     def new_tree(self) -> MegaContextTree:
         return MegaContextTree(
@@ -114,22 +147,22 @@ class ReferenceRuntime:
             raise ValueError("prompt must contain at least one token")
         tree = self.new_tree()
         alloc = FocusAllocator(cfg)
+        stats = MCStats(w_max=cfg.w_max)
+        n = len(prompt_ids)
+        holds = prompt_refocus_points(n, cfg.w_max, cfg.gist_levels)
+        upto = holds[0] if holds else n  # ingested in bulk; the rest one token per refocus
         if ingest_chunk is None:
-            tree.append(prompt_ids)
+            tree.append(prompt_ids[:upto])
             wc = cold_start(tree, cfg.w_max, top_level=cfg.top_level)
         else:
             wc = WorkingContext([], 0, cfg.w_max)
-            for i in range(0, len(prompt_ids), ingest_chunk):
-                chunk = prompt_ids[i : i + ingest_chunk]
-                need = ingest_room(tree.num_tokens, len(chunk))
-                if wc.free < need:
-                    for a in alloc.make_room(wc, recency_scores(wc), tree, need):
-                        wc.apply(a)
-                tree.append(chunk)
-                wc.grow(tree.num_tokens)
-        stats = MCStats(w_max=cfg.w_max)
+            for i in range(0, upto, ingest_chunk):
+                self._ingest(wc, tree, alloc, prompt_ids[i : min(i + ingest_chunk, upto)])
+        for i in holds:  # the vLLM runtime feeds these one step each, scoring after each
+            self._refocus(wc, tree, alloc, stats, at_block_end=False)
+            self._ingest(wc, tree, alloc, prompt_ids[i : i + 1])
         out: list[int] = []
-        self._refocus(wc, tree, alloc, stats)
+        stats.answer_wc = list(wc.entries)
         dev = next(self.model.parameters()).device
         for _ in range(max_new_tokens):
             embeds, positions = self.materialize(wc, tree)
@@ -141,24 +174,41 @@ class ReferenceRuntime:
                 use_cache=False,
             ).logits[0, -1]
             tok = int(torch.argmax(logits))
+            if not out:
+                first = logits.float().log_softmax(-1).cpu()
             out.append(tok)
             if on_token is not None:
                 on_token(tok)
             if tok == eos_token_id or len(out) == max_new_tokens:
                 break  # like vLLM, the last sampled token is never fed back
+            # as in the vLLM runtime: the step whose last token ends a block is scored, and
+            # the refocus lands after sampling, before the sampled token is fed
+            self._refocus(wc, tree, alloc, stats)
             tree.append([tok])
             wc.grow(tree.num_tokens)
-            self._refocus(wc, tree, alloc, stats)
         stats.history_len = tree.num_tokens
         stats.wc_entries_by_level = wc.count_by_level()
         stats.wc_cost = wc.cost
-        return ReferenceOutput(out, stats)
+        return ReferenceOutput(out, stats, first if out else None)
+
+    @staticmethod
+    def _ingest(wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator,
+                chunk: Sequence[int]) -> None:
+        """Append prompt tokens, collapsing the oldest entries first if they need room."""
+        need = ingest_room(tree.num_tokens, len(chunk))
+        if wc.free < need:
+            for a in alloc.make_room(wc, recency_scores(wc), tree, need):
+                wc.apply(a)
+        tree.append(chunk)
+        wc.grow(tree.num_tokens)
 
     def _refocus(
-        self, wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator, stats: MCStats
+        self, wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator, stats: MCStats,
+        *, at_block_end: bool = True,
     ) -> None:
-        """At every block boundary: score, plan, edit (the next block needs K of headroom)."""
-        if tree.num_tokens % K:
+        """Score, plan, edit (the next block needs K of headroom): at every block end, and
+        at the prompt-end refocus points (``at_block_end=False``)."""
+        if at_block_end and tree.num_tokens % K:
             return
         actions = alloc.plan(wc, self.scorer.score(wc, tree), tree, headroom=K)
         for a in actions:

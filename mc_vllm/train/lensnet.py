@@ -1,0 +1,379 @@
+"""Train LensNet for a frozen HF causal LM and its GistNet (``mc-vllm train-lensnet``).
+
+Labels are counterfactual, from the frozen model (the MegaContext LensNet objective): a
+working context is built as the runtime builds it at a prompt-end refocus point (the
+prompt ingested in chunks, oldest entries collapsed to make room; sometimes one earlier
+refocus round already applied), then for each labelled entry the NLL of the tokens that
+follow (a task's answer, or the next ``horizon`` tokens of plain text) is measured with
+that one entry changed:
+
+* a gist: expanded (a LOD2 gist: expanded, then its best child expanded to raw tokens:
+  a top-level gist needs two rounds to reach raw tokens, and its value is that of the best
+  path). Utility ``u = NLL(now) − NLL(expanded)``, nats per target token.
+* a sealed raw block: collapsed to its gist. Utility ``u = NLL(collapsed) − NLL(now)``: what
+  keeping it raw is worth.
+
+The target score is ``tanh(u / label_scale) − label_offset``: entries worth nothing fall
+below ``−tau_collapse`` (collapse candidates, funding expansions), entries worth a fraction
+of a nat rise above ``tau_expand``. The loss is the regression to that target plus a
+pairwise ranking loss (the allocator acts on the order of scores: expansions highest first,
+collapses lowest first) plus a budget term (the expansions the scores ask for, net of the
+collapses they offer, should fit the free budget). Entries that cannot change (the open
+block) carry no label.
+
+Checkpoints, resume and base-model mismatch rules are those of ``train-gistnet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.allocator import FocusAllocator, ingest_room, prompt_refocus_points, recency_scores
+from ..core.config import BLOCK_SIZE, MCConfig
+from ..core.gistnet import MeanPoolGist, load_gistnet
+from ..core.lensnet import LensNet, LensNetConfig, entry_features
+from ..core.nets import NetConfigError
+from ..core.tree import MegaContextTree, children, node_end, node_start
+from ..core.working_context import Action, WorkingContext
+from .data import split_files, stdlib_files, token_stream
+from .gistnet import _atomic_save, fingerprint
+from .tasks import KINDS, build_sequence, make_item
+
+K = BLOCK_SIZE
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class LensTrainConfig:
+    model: str  # HF model directory (frozen base model)
+    out: str  # directory: checkpoint.pt while training, the saved net at the end
+    gistnet: str = ""  # trained GistNet dir for this model; "" = mean-pool gists
+    w_max: int = 256
+    history_x: tuple[float, float] = (2.0, 8.0)  # history length, in W_max, drawn uniformly
+    task_share: float = 0.75  # the rest: plain text, the next ``horizon`` tokens as target
+    horizon: int = 16
+    steps: int = 120
+    samples: int = 4  # working contexts per step
+    lr: float = 1e-3
+    label_scale: float = 0.5  # nats
+    label_offset: float = 0.3
+    rank_weight: float = 1.0
+    budget_weight: float = 0.1
+    max_labels: int = 16  # LOD1 entries labelled per sample (plus every other kind)
+    max_children: int = 8  # children tried per LOD2 gist (plus the one holding the answer)
+    seed: int = 0
+    checkpoint_every: int = 20
+    width: int = 64
+    n_latents: int = 8
+    n_heads: int = 4
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_train_tokens: int | None = 2_000_000
+    eval_samples: int = 24
+    data: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Sample:
+    """One labelled working context: the state LensNet scores and the counterfactuals."""
+
+    tree: MegaContextTree
+    wc: WorkingContext
+    rest: list[int]  # prompt tokens after the refocus point (fed raw after the context)
+    target: list[int]  # tokens whose NLL is measured
+    utility: torch.Tensor  # [N] nats, NaN where unlabelled
+    needle: tuple[int, int] | None = None  # token span of the task's fact, if any
+
+
+def _tree(model: Any, gist_fn: Any) -> MegaContextTree:
+    emb = model.get_input_embeddings()
+    return MegaContextTree(embed_dim=emb.weight.shape[1], embed_fn=emb, gist_fn=gist_fn,
+                           gist_levels=2)
+
+
+def runtime_state(tree: MegaContextTree, prompt: list[int], w_max: int, hold: int
+                  ) -> WorkingContext:
+    """The working context the runtimes hold at prompt-end refocus point ``hold`` (tokens
+    ingested), before that refocus: chunks of ``w_max // 2``, oldest collapsed for room."""
+    wc, alloc, chunk = WorkingContext([], 0, w_max), FocusAllocator(MCConfig(w_max=w_max)), w_max // 2
+    for i in range(0, hold, chunk):
+        part = prompt[i : min(i + chunk, hold)]
+        need = ingest_room(tree.num_tokens, len(part))
+        if wc.free < need:
+            for a in alloc.make_room(wc, recency_scores(wc), tree, need):
+                wc.apply(a)
+        tree.append(part)
+        wc.grow(tree.num_tokens)
+    return wc
+
+
+@torch.no_grad()
+def context_nll(model: Any, tree: MegaContextTree, wcs: list[WorkingContext], rest: list[int],
+                target: list[int]) -> torch.Tensor:
+    """Mean NLL (nats/token) of ``target`` after each working context followed by the raw
+    ``rest`` tokens, compact positions: [len(wcs)]. Contexts of equal length run batched."""
+    emb = model.get_input_embeddings()
+    dev = emb.weight.device
+    tail = emb(torch.tensor(rest + target[:-1], device=dev))
+    out = torch.empty(len(wcs))
+    by_len: dict[int, list[int]] = {}
+    mats = []
+    for i, wc in enumerate(wcs):
+        m = _materialize(wc, tree)
+        mats.append(m)
+        by_len.setdefault(len(m), []).append(i)
+    tgt = torch.tensor(target, device=dev)
+    for _, idx in by_len.items():
+        x = torch.stack([torch.cat([mats[i].to(dev, tail.dtype), tail]) for i in idx])
+        pos = torch.arange(x.shape[1], device=dev)[None].expand(len(idx), -1)
+        logits = model(inputs_embeds=x, position_ids=pos).logits[:, -len(target):].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), tgt[None].expand(len(idx), -1), reduction="none").mean(-1)
+        out[idx] = nll.cpu()
+    return out
+
+
+def _materialize(wc: WorkingContext, tree: MegaContextTree) -> torch.Tensor:
+    parts = []
+    for e in wc.entries:
+        if e[0] == 0:
+            parts.append(tree.embed(tree.tokens(node_start(e), min(node_end(e), tree.num_tokens))))
+        else:
+            parts.append(tree.gist(e)[None].float())
+    return torch.cat(parts)
+
+
+def _variant(wc: WorkingContext, *actions: Action) -> WorkingContext:
+    out = wc.copy()
+    for a in actions:
+        out.apply(a)
+    return out
+
+
+def label(model: Any, tree: MegaContextTree, wc: WorkingContext, rest: list[int],
+          target: list[int], rng: random.Random, cfg: LensTrainConfig,
+          needle: tuple[int, int] | None = None) -> torch.Tensor:
+    """Counterfactual utilities (nats per target token) of the entries of ``wc``: [N],
+    NaN for unlabelled entries. See the module docstring for the definitions."""
+    n = len(wc.entries)
+    util = torch.full((n,), float("nan"))
+    touches = (lambda e: needle is not None and node_start(e) < needle[1]  # noqa: E731
+               and node_end(e) > needle[0])
+    lod1 = [i for i, e in enumerate(wc.entries) if e[0] == 1]
+    keep = {i for i in lod1 if touches(wc.entries[i])}
+    keep |= set(rng.sample(lod1, min(cfg.max_labels, len(lod1))))
+    variants: list[WorkingContext] = [wc]
+    owner: list[int] = [-1]
+    for i, e in enumerate(wc.entries):
+        if e[0] == 0 and node_end(e) <= tree.num_blocks * K and tree.has_node((1, e[1])):
+            variants.append(_variant(wc, Action("collapse", (1, e[1]))))
+            owner.append(i)
+        elif e[0] == 1 and i in keep:
+            variants.append(_variant(wc, Action("expand", e)))
+            owner.append(i)
+        elif e[0] == 2:
+            kids = [c for c in children(e) if tree.has_node(c)]
+            tried = {c for c in kids if touches(c)}
+            tried |= set(rng.sample(kids, min(cfg.max_children, len(kids))))
+            up = Action("expand", e)
+            for c in sorted(tried):
+                variants.append(_variant(wc, up, Action("expand", c)))
+                owner.append(i)
+    nll = context_nll(model, tree, variants, rest, target)
+    base = float(nll[0])
+    for j in range(1, len(variants)):
+        i = owner[j]
+        u = (float(nll[j]) - base) if wc.entries[i][0] == 0 else (base - float(nll[j]))
+        util[i] = u if torch.isnan(util[i]) else max(float(util[i]), u)
+    return util
+
+
+class SampleSource:
+    """Deterministic training / evaluation samples (task items with the needle at a random
+    depth, or plain text), from (seed, step, index, split)."""
+
+    def __init__(self, model: Any, tok: Any, gist_fn: Any, stream: np.ndarray,
+                 cfg: LensTrainConfig) -> None:
+        self.model, self.tok, self.gist_fn, self.stream, self.cfg = model, tok, gist_fn, stream, cfg
+
+    def sample(self, step: int, index: int, split: str) -> Sample:
+        cfg = self.cfg
+        rng = random.Random(f"lens/{split}/{cfg.seed}/{step}/{index}")
+        lo, hi = cfg.history_x
+        length = int(cfg.w_max * rng.uniform(lo, hi))
+        start = rng.randrange(0, len(self.stream) - length - cfg.horizon)
+        filler = self.stream[start : start + length + cfg.horizon]
+        needle = None
+        if rng.random() < cfg.task_share:
+            item = make_item(rng.choice(KINDS), rng.randrange(1 << 30), split)
+            ids, a = build_sequence(self.tok, item, filler, length, rng.random(), rng)
+            prompt, target = ids[:a], ids[a:]
+            nd = self.tok.encode(item.needle, add_special_tokens=False)
+            at = next((i for i in range(a) if ids[i : i + len(nd)] == nd), None)
+            needle = (at, at + len(nd)) if at is not None else None
+        else:
+            prompt = [1] + filler[: length - 1].tolist()
+            target = filler[length - 1 : length - 1 + cfg.horizon].tolist()
+        holds = prompt_refocus_points(len(prompt), cfg.w_max, 2) or [len(prompt)]
+        hold = holds[0]
+        tree = _tree(self.model, self.gist_fn)
+        wc = runtime_state(tree, prompt, cfg.w_max, hold)
+        top = [e for e in wc.entries if e[0] == 2]
+        if top and rng.random() < 0.5:  # a state after one earlier round: a LOD2 expanded
+            pick = [e for e in top if needle and node_start(e) <= needle[0] < node_end(e)]
+            wc.apply(Action("expand", pick[0] if pick and rng.random() < 0.7 else rng.choice(top)))
+        rest = prompt[hold:]
+        util = label(self.model, tree, wc, rest, target, rng, cfg, needle)
+        return Sample(tree, wc, rest, target, util, needle)
+
+
+def lens_loss(net: LensNet, s: Sample, cfg: LensTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Regression + ranking + budget loss of one sample (see the module docstring)."""
+    f = entry_features(s.wc, s.tree, net.config.n_cond)
+    dev = next(net.parameters()).device
+    scores = net(f.vecs.to(dev), f.levels.to(dev), f.meta.to(dev), f.cond.to(dev))
+    util = s.utility.to(dev)
+    m = ~torch.isnan(util)
+    if not m.any():
+        return scores.sum() * 0.0, {"reg": 0.0, "rank": 0.0, "budget": 0.0}
+    target = torch.tanh(util[m] / cfg.label_scale) - cfg.label_offset
+    sc = scores[m]
+    reg = torch.nn.functional.smooth_l1_loss(sc, target, beta=0.25)
+    diff = target[:, None] - target[None, :]
+    pairs = diff > 0.1
+    rank = (torch.nn.functional.softplus(-(sc[:, None] - sc[None, :]) * 8.0)[pairs].mean()
+            if pairs.any() else sc.sum() * 0.0)
+    levels = f.levels.to(dev)
+    cost = torch.where(levels == 0, torch.zeros_like(scores), torch.full_like(scores, K - 1.0))
+    refund = torch.where(levels == 0, torch.full_like(scores, K - 1.0), torch.zeros_like(scores))
+    asked = (torch.relu(scores - 0.2) * cost).sum() - (torch.relu(-scores - 0.2) * refund).sum()
+    budget = torch.relu(asked - s.wc.free) / s.wc.w_max
+    loss = reg + cfg.rank_weight * rank + cfg.budget_weight * budget
+    return loss, {"reg": float(reg.detach()), "rank": float(rank.detach()),
+                  "budget": float(budget.detach())}
+
+
+def needle_hit(net: Any, s: Sample) -> bool | None:
+    """Whether the top-scored expandable entry holds the task's fact (None for text)."""
+    if s.needle is None:
+        return None
+    scores = net.score(s.wc, s.tree)
+    gists = [i for i, e in enumerate(s.wc.entries) if e[0] > 0]
+    if not gists:
+        return None
+    best = s.wc.entries[max(gists, key=lambda i: scores[i])]
+    return node_start(best) <= s.needle[0] < node_end(best)
+
+
+def _net_config(cfg: LensTrainConfig, fp: dict[str, Any]) -> LensNetConfig:
+    return LensNetConfig(embed_dim=fp["embed_dim"], base_model=fp["base_model"],
+                         width=cfg.width, n_latents=cfg.n_latents, n_heads=cfg.n_heads)
+
+
+def _load_checkpoint(path: Path, fp: dict[str, Any], net_cfg: LensNetConfig) -> dict[str, Any]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck.get("fingerprint") != fp:
+        raise NetConfigError(f"{path}: a checkpoint for base model {ck.get('fingerprint')}, "
+                             f"not {fp}: train into another --out directory")
+    if ck.get("net_config") != dataclasses.asdict(net_cfg):
+        raise NetConfigError(f"{path}: LensNet shape {ck.get('net_config')} differs from "
+                             f"the requested {dataclasses.asdict(net_cfg)}")
+    return ck
+
+
+def evaluate(net: LensNet, source: SampleSource, cfg: LensTrainConfig) -> dict[str, float]:
+    """Held-out samples: the loss terms, and how often the top-scored gist of a task sample
+    holds its fact (``needle_top1``), for the net and for the untrained heuristic."""
+    from ..core.lensnet import HeuristicScorer
+
+    samples = [source.sample(0, i, "eval") for i in range(cfg.eval_samples)]
+    terms = {"reg": 0.0, "rank": 0.0, "budget": 0.0}
+    with torch.no_grad():
+        for s in samples:
+            _, t = lens_loss(net, s, cfg)
+            for k in terms:
+                terms[k] += t[k] / len(samples)
+    out = {f"eval_{k}": round(v, 4) for k, v in terms.items()}
+    for name, scorer in (("lensnet", net), ("heuristic", HeuristicScorer())):
+        hits = [h for h in (needle_hit(scorer, s) for s in samples) if h is not None]
+        out[f"{name}_needle_top1"] = round(sum(hits) / max(len(hits), 1), 3)
+    return out
+
+
+def load_gist_fn(cfg: LensTrainConfig, fp: dict[str, Any]) -> torch.nn.Module:
+    if not cfg.gistnet:
+        return MeanPoolGist(fp["embed_dim"])
+    return load_gistnet(cfg.gistnet, base_model=fp["base_model"],
+                        embed_dim=fp["embed_dim"]).to(cfg.device)
+
+
+def train_lensnet(cfg: LensTrainConfig, *, resume: bool = True, progress: bool = True,
+                  stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume training of) a LensNet for ``cfg.model`` (and its GistNet); save it
+    to ``cfg.out``. Returns the held-out evaluation. Raises NetConfigError for a checkpoint
+    or GistNet of another base model or net shape."""
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype))
+    model.to(cfg.device).eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(cfg.model)
+    fp = fingerprint(model)
+    gist_fn = load_gist_fn(cfg, fp)
+    net_cfg = _net_config(cfg, fp)
+    net = LensNet(net_cfg).to(cfg.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ck_path, step = out / CHECKPOINT, 0
+    if resume and ck_path.exists():
+        ck = _load_checkpoint(ck_path, fp, net_cfg)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    files = [Path(f) for f in cfg.data] or stdlib_files()
+    train_files, held_files = split_files(files)
+    train = SampleSource(model, tok, gist_fn, token_stream(tok, train_files, cfg.max_train_tokens), cfg)
+    held = SampleSource(model, tok, gist_fn, token_stream(tok, held_files or train_files, 300_000), cfg)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-lensnet", disable=not progress)
+    log = open(out / "train_log.jsonl", "a")
+    while step < end:
+        net.train()
+        row: dict[str, float] = {"step": step + 1}
+        total = 0.0
+        for i in range(cfg.samples):
+            loss, terms = lens_loss(net, train.sample(step, i, "train"), cfg)
+            (loss / cfg.samples).backward()
+            total += float(loss.detach()) / cfg.samples
+            for k, v in terms.items():
+                row[k] = row.get(k, 0.0) + v / cfg.samples
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        row["loss"] = total
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == end:
+            _atomic_save({"step": step, "net": net.state_dict(), "opt": opt.state_dict(),
+                          "fingerprint": fp, "net_config": dataclasses.asdict(net_cfg)}, ck_path)
+    bar.close()
+    log.close()
+    net.eval()
+    if step >= cfg.steps:
+        net.save(out)
+    report = {"step": step, **evaluate(net, held, cfg)}
+    (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -200,6 +200,7 @@ def cmd_train_base_model(args: argparse.Namespace) -> int:
                           seq_len=args.seq_len, max_position=args.max_position,
                           steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                           text_share=args.text_share, copy_share=args.copy_share,
+                          induction_steps=args.induction_steps,
                           seed=args.seed, answer_weight=args.answer_weight)
     report = train_base_model(cfg)
     print("[mc-vllm] held-out accuracy (whole sequence in context): "
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gistnet", help="the model's trained GistNet dir (default: mean-pool)")
     p.add_argument("--out", required=True, help="output directory (checkpoint, then the net)")
     p.add_argument("--w-max", type=int, default=256, help="W_max the contexts are built for")
-    p.add_argument("--history-x", type=float, nargs=2, default=[2.0, 8.0],
+    p.add_argument("--history-x", type=float, nargs=2, default=[2.0, 32.0],
                    metavar=("LO", "HI"), help="history length range, in W_max")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--samples", type=int, default=4, help="working contexts per step")
@@ -301,12 +302,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="model dir with the bundled tokenizer (built if missing)")
     p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
     p.add_argument("--max-position", type=int, default=1024, help="RoPE table size")
-    p.add_argument("--steps", type=int, default=3400)
+    p.add_argument("--steps", type=int, default=2200)
     p.add_argument("--batch", type=int, default=8, help="rows of --seq-len tokens per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--text-share", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--text-share", type=float, default=0.25)
     p.add_argument("--copy-share", type=float, default=0.3)
+    p.add_argument("--induction-steps", type=int, default=700,
+                   help="opening steps of pure repeated sequences (grow induction heads)")
     p.add_argument("--answer-weight", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_base_model)

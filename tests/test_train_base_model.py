@@ -65,3 +65,19 @@ def test_training_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_repeat_and_copy_rows_mark_exactly_the_tokens_predictable_by_looking_back():
+    from mc_vllm.train.base_model import copy_row, repeat_row
+
+    rng = random.Random(0)
+    for _ in range(50):
+        ids, mask = repeat_row(rng, 128)
+        assert len(ids) == len(mask) == 128 and ids[0] == 1
+        n = next(p for p in range(8, 64) if ids[1 : 1 + p] == ids[1 + p : 1 + 2 * p][:p])
+        assert all(ids[i] == ids[i - n] for i in range(128) if mask[i])
+        ids, target = copy_row(rng, np.arange(1000, 1300), 256, 2048)
+        seg_len = target.stop - target.start + 1
+        at = target.start - 1
+        seg = ids[at : at + seg_len]
+        assert len(ids) == 256 and ids[1 : 1 + seg_len] == seg  # stated once, repeated later

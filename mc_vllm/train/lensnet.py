@@ -57,7 +57,7 @@ class LensTrainConfig:
     out: str  # directory: checkpoint.pt while training, the saved net at the end
     gistnet: str = ""  # trained GistNet dir for this model; "" = mean-pool gists
     w_max: int = 256
-    history_x: tuple[float, float] = (2.0, 8.0)  # history length, in W_max, drawn uniformly
+    history_x: tuple[float, float] = (2.0, 32.0)  # history length, in W_max, drawn uniformly
     task_share: float = 0.75  # the rest: plain text, the next ``horizon`` tokens as target
     horizon: int = 16
     steps: int = 120
@@ -68,7 +68,7 @@ class LensTrainConfig:
     rank_weight: float = 1.0
     budget_weight: float = 0.1
     max_labels: int = 16  # LOD1 entries labelled per sample (plus every other kind)
-    max_children: int = 8  # children tried per LOD2 gist (plus the one holding the answer)
+    max_children: int = 4  # children tried per LOD2 gist (plus the one holding the answer)
     seed: int = 0
     checkpoint_every: int = 20
     width: int = 64

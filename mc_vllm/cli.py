@@ -119,14 +119,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .core.stack import read_stack
     from .demo import run_demo
+    from .tiny_model import make_tiny_model
 
-    if not (Path(args.model) / "config.json").is_file():
-        print(f"mc-vllm demo: no model in {args.model} (the trained tiny stack ships in "
-              f"{DEFAULT_READER_DIR}; train one with mc-vllm train-base-model)", file=sys.stderr)
-        return 2
-    return run_demo(args.model, mult=args.history_x, depth=args.depth, seed=args.seed,
-                    w_max=args.w_max)
+    model, w_max = args.model, args.w_max
+    if not (Path(model) / "config.json").is_file() and Path(model) == DEFAULT_READER_DIR:
+        model = str(make_tiny_model(DEFAULT_TINY_DIR))
+        print(f"[demo] no trained stack in {DEFAULT_READER_DIR} (bash scripts/train_tiny_stack.sh "
+              f"builds one): running on the random-weight {DEFAULT_TINY_DIR}, whose answers are "
+              "noise by design")
+    if w_max is None and read_stack(model) is None:
+        w_max = 256
+    run_demo(model, mult=args.history_x, depth=args.depth, seed=args.seed, w_max=w_max)
+    return 0
 
 
 def serve_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
@@ -302,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="model dir with the bundled tokenizer (built if missing)")
     p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
     p.add_argument("--max-position", type=int, default=1024, help="RoPE table size")
-    p.add_argument("--steps", type=int, default=2200)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8, help="rows of --seq-len tokens per step")
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--text-share", type=float, default=0.25)
     p.add_argument("--copy-share", type=float, default=0.3)
-    p.add_argument("--induction-steps", type=int, default=700,
+    p.add_argument("--induction-steps", type=int, default=2000,
                    help="opening steps of pure repeated sequences (grow induction heads)")
     p.add_argument("--answer-weight", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)

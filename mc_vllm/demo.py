@@ -71,6 +71,8 @@ def run_demo(model: str, *, mult: int = 8, depth: float = 0.15, seed: int = 7,
              w_max: int | None = None) -> int:
     """Print the question, MegaContext's answer, truncation's answer and the working
     context at answer time. Returns 0 when MegaContext recalled the fact, 1 otherwise."""
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model}: no model directory (config.json missing)")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import SamplingParams
 

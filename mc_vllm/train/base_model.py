@@ -53,7 +53,7 @@ class BaseTrainConfig:
     batch: int = 8  # rows per step in the last phase (earlier phases: more, shorter rows)
     text_share: float = 0.25
     copy_share: float = 0.25
-    induction_steps: int = 700  # opening steps of pure repeats (128 tokens, same tokens/step)
+    induction_steps: int = 2000  # opening steps of pure repeats (128 tokens, same tokens/step)
     bf16: bool = False  # bf16 autocast: no faster on a 2-core CPU at this size
     lr: float = 1e-3
     warmup: int = 50
@@ -70,7 +70,7 @@ def _lr(cfg: BaseTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-PHASES = ((0.4, 4), (0.7, 2), (1.0, 1))  # (end as a fraction of steps, seq_len divisor)
+PHASES = ((0.4, 4), (0.7, 2), (1.0, 1))  # (end, as a fraction of the mixed steps; seq_len divisor)
 
 
 INDUCTION_LEN = 128
@@ -81,8 +81,9 @@ def phase_shape(cfg: BaseTrainConfig, step: int) -> tuple[int, int]:
     constant (``batch × seq_len``)."""
     if step < cfg.induction_steps:
         return cfg.batch * cfg.seq_len // INDUCTION_LEN, INDUCTION_LEN
+    t = (step - cfg.induction_steps) / max(1, cfg.steps - cfg.induction_steps)
     for end, div in PHASES:
-        if step < end * cfg.steps:
+        if t < end:
             return cfg.batch * div, cfg.seq_len // div
     return cfg.batch, cfg.seq_len
 
@@ -100,12 +101,13 @@ def copy_row(rng: random.Random, filler: Any, length: int, vocab: int
     return ids, slice(at + 1, at + n)
 
 
-def repeat_row(rng: random.Random, length: int) -> tuple[list[int], list[bool]]:
-    """``[BOS] x x x ...``: a random segment of random period (8 to length/2) repeated to
-    ``length``; (ids, answer mask: every token predictable by looking one period back).
-    The period varies per row, so no fixed-offset attention solves it: only matching
-    content (an induction head) does."""
-    n = rng.randint(8, (length - 1) // 2)
+def repeat_row(rng: random.Random, length: int, period: int | None = None
+               ) -> tuple[list[int], list[bool]]:
+    """``[BOS] x x x ...``: a random segment of random period (8 to length/2, or
+    ``period``) repeated to ``length``; (ids, answer mask: every token predictable by
+    looking one period back). With a varying period no fixed-offset attention solves it:
+    only matching content (an induction head) does."""
+    n = period or rng.randint(8, (length - 1) // 2)
     seg = [rng.randrange(3, ARCH["vocab_size"]) for _ in range(n)]
     ids = ([1] + seg * (length // n + 2))[:length]
     return ids, [False] * (n + 2) + [True] * (length - n - 2)
@@ -120,8 +122,10 @@ def make_batch(tok: Any, stream: Any, cfg: BaseTrainConfig, step: int, split: st
     rows, length = phase_shape(cfg, step)
     ids, mask = [], []
     if step < cfg.induction_steps:
+        # first a fixed period (a copying circuit forms fast, by offset), then varying
+        fixed = (length - 1) // 2 if step < cfg.induction_steps // 10 else None
         for _ in range(rows):
-            seq, m = repeat_row(rng, length)
+            seq, m = repeat_row(rng, length, fixed)
             ids.append(seq)
             mask.append(m)
         return torch.tensor(ids), torch.tensor(mask)

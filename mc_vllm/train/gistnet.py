@@ -143,13 +143,16 @@ def _net_config(cfg: GistTrainConfig, fp: dict[str, Any]) -> GistNetConfig:
                          width=cfg.width, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
 
 
-def _load_checkpoint(path: Path, fp: dict[str, Any], net_cfg: GistNetConfig) -> dict[str, Any]:
+def load_checkpoint(path: Path, fp: dict[str, Any], net_cfg: Any, what: str = "GistNet"
+                    ) -> dict[str, Any]:
+    """A net trainer's checkpoint, refused (NetConfigError) if made for another base model
+    (``fp``: :func:`fingerprint`) or another net shape (``net_cfg``: a dataclass)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck.get("fingerprint") != fp:
         raise NetConfigError(f"{path}: a checkpoint for base model {ck.get('fingerprint')}, "
                              f"not {fp}: train into another --out directory")
     if ck.get("net_config") != dataclasses.asdict(net_cfg):
-        raise NetConfigError(f"{path}: GistNet shape {ck.get('net_config')} differs from "
+        raise NetConfigError(f"{path}: {what} shape {ck.get('net_config')} differs from "
                              f"the requested {dataclasses.asdict(net_cfg)}")
     return ck
 
@@ -188,7 +191,7 @@ def train_gistnet(cfg: GistTrainConfig, *, resume: bool = True, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     ck_path, step = out / CHECKPOINT, 0
     if resume and ck_path.exists():
-        ck = _load_checkpoint(ck_path, fp, net_cfg)
+        ck = load_checkpoint(ck_path, fp, net_cfg)
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]

@@ -40,11 +40,10 @@ from ..core.allocator import FocusAllocator, ingest_room, prompt_refocus_points,
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.gistnet import MeanPoolGist, load_gistnet
 from ..core.lensnet import LensNet, LensNetConfig, entry_features
-from ..core.nets import NetConfigError
 from ..core.tree import MegaContextTree, children, node_end, node_start
 from ..core.working_context import Action, WorkingContext
 from .data import split_files, stdlib_files, token_stream
-from .gistnet import _atomic_save, fingerprint
+from .gistnet import _atomic_save, fingerprint, load_checkpoint
 from .tasks import KINDS, build_sequence, make_item
 
 K = BLOCK_SIZE
@@ -278,17 +277,6 @@ def _net_config(cfg: LensTrainConfig, fp: dict[str, Any]) -> LensNetConfig:
                          width=cfg.width, n_latents=cfg.n_latents, n_heads=cfg.n_heads)
 
 
-def _load_checkpoint(path: Path, fp: dict[str, Any], net_cfg: LensNetConfig) -> dict[str, Any]:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    if ck.get("fingerprint") != fp:
-        raise NetConfigError(f"{path}: a checkpoint for base model {ck.get('fingerprint')}, "
-                             f"not {fp}: train into another --out directory")
-    if ck.get("net_config") != dataclasses.asdict(net_cfg):
-        raise NetConfigError(f"{path}: LensNet shape {ck.get('net_config')} differs from "
-                             f"the requested {dataclasses.asdict(net_cfg)}")
-    return ck
-
-
 def evaluate(net: LensNet, source: SampleSource, cfg: LensTrainConfig) -> dict[str, float]:
     """Held-out samples: the loss terms, and how often the top-scored gist of a task sample
     holds its fact (``needle_top1``), for the net and for the untrained heuristic."""
@@ -336,7 +324,7 @@ def train_lensnet(cfg: LensTrainConfig, *, resume: bool = True, progress: bool =
     out.mkdir(parents=True, exist_ok=True)
     ck_path, step = out / CHECKPOINT, 0
     if resume and ck_path.exists():
-        ck = _load_checkpoint(ck_path, fp, net_cfg)
+        ck = load_checkpoint(ck_path, fp, net_cfg, "LensNet")
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]

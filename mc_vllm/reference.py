@@ -17,9 +17,8 @@ import torch
 from .core.allocator import (
     FocusAllocator,
     cold_start,
-    ingest_room,
+    ingest,
     prompt_refocus_points,
-    recency_scores,
 )
 from .core.config import BLOCK_SIZE, MCConfig
 from .core.gistnet import MeanPoolGist
@@ -54,6 +53,27 @@ class ReferenceOutput:
     token_ids: list[int]
     stats: MCStats
     first_logprobs: torch.Tensor | None = None  # [vocab] log-probs of the first token
+
+
+def context_embeddings(wc: WorkingContext, tree: MegaContextTree) -> torch.Tensor:
+    """The working context as input embeddings, entries in time order: [S, D] float (token
+    embeddings for LOD0 entries, one gist vector per gist)."""
+    parts: list[torch.Tensor] = []
+    run: list[np.ndarray] = []  # consecutive LOD0 entries are embedded in one call
+
+    def flush() -> None:
+        if run:
+            parts.append(tree.embed(np.concatenate(run)))
+            run.clear()
+
+    for e in wc.entries:
+        if e[0] == 0:
+            run.append(tree.block_tokens(e[1]))
+        else:
+            flush()
+            parts.append(tree.gist(e)[None].float())
+    flush()
+    return torch.cat(parts)
 
 
 class ReferenceRuntime:
@@ -109,22 +129,7 @@ class ReferenceRuntime:
 
     def materialize(self, wc: WorkingContext, tree: MegaContextTree) -> tuple[torch.Tensor, list[int]]:
         """The working context as model input: embeddings [S, D] and slot positions [S]."""
-        parts: list[torch.Tensor] = []
-        run: list[np.ndarray] = []  # consecutive LOD0 entries are embedded in one call
-
-        def flush() -> None:
-            if run:
-                parts.append(tree.embed(np.concatenate(run)))
-                run.clear()
-
-        for e in wc.entries:
-            if e[0] == 0:
-                run.append(tree.block_tokens(e[1]))
-            else:
-                flush()
-                parts.append(tree.gist(e)[None].float())
-        flush()
-        return torch.cat(parts), wc.slot_positions(self.config.position_mode)
+        return context_embeddings(wc, tree), wc.slot_positions(self.config.position_mode)
 
     @torch.no_grad()
     def generate(
@@ -157,10 +162,10 @@ class ReferenceRuntime:
         else:
             wc = WorkingContext([], 0, cfg.w_max)
             for i in range(0, upto, ingest_chunk):
-                self._ingest(wc, tree, alloc, prompt_ids[i : min(i + ingest_chunk, upto)])
+                ingest(wc, tree, alloc, prompt_ids[i : min(i + ingest_chunk, upto)])
         for i in holds:  # the vLLM runtime feeds these one step each, scoring after each
             self._refocus(wc, tree, alloc, stats, at_block_end=False)
-            self._ingest(wc, tree, alloc, prompt_ids[i : i + 1])
+            ingest(wc, tree, alloc, prompt_ids[i : i + 1])
         out: list[int] = []
         stats.answer_wc = list(wc.entries)
         dev = next(self.model.parameters()).device
@@ -190,17 +195,6 @@ class ReferenceRuntime:
         stats.wc_entries_by_level = wc.count_by_level()
         stats.wc_cost = wc.cost
         return ReferenceOutput(out, stats, first if out else None)
-
-    @staticmethod
-    def _ingest(wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator,
-                chunk: Sequence[int]) -> None:
-        """Append prompt tokens, collapsing the oldest entries first if they need room."""
-        need = ingest_room(tree.num_tokens, len(chunk))
-        if wc.free < need:
-            for a in alloc.make_room(wc, recency_scores(wc), tree, need):
-                wc.apply(a)
-        tree.append(chunk)
-        wc.grow(tree.num_tokens)
 
     def _refocus(
         self, wc: WorkingContext, tree: MegaContextTree, alloc: FocusAllocator, stats: MCStats,

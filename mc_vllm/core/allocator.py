@@ -42,6 +42,10 @@ class _TreeLike(HasNodes, Protocol):
     def num_gists(self, level: int) -> int: ...
 
 
+class _IngestTree(_TreeLike, Protocol):
+    def append(self, tokens: Sequence[int]) -> object: ...
+
+
 class FocusAllocator:
     """Per-request planner; holds the refocus step counter and the cooldown table."""
 
@@ -187,6 +191,20 @@ def ingest_room(history_len: int, chunk: int) -> int:
     """Budget the next ``chunk`` tokens need: the blocks they open, K each."""
     open_len = history_len % K
     return -(-(open_len + chunk) // K) * K - (K if open_len else 0)
+
+
+def ingest(wc: WorkingContext, tree: _IngestTree, alloc: FocusAllocator,
+           chunk: Sequence[int]) -> None:
+    """Append prompt tokens to ``tree`` and ``wc``, first collapsing the oldest entries
+    (``make_room`` on :func:`recency_scores`) if the blocks they open need budget. The
+    reference runtime and LensNet's training states ingest this way; the vLLM scheduler
+    does the same with its KV edits (``MCScheduler._feed``)."""
+    need = ingest_room(tree.num_tokens, len(chunk))
+    if wc.free < need:
+        for a in alloc.make_room(wc, recency_scores(wc), tree, need):
+            wc.apply(a)
+    tree.append(chunk)
+    wc.grow(tree.num_tokens)
 
 
 def coarsest_cost(history_len: int, gist_levels: int = 2) -> int:

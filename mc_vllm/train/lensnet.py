@@ -36,12 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.allocator import FocusAllocator, ingest_room, prompt_refocus_points, recency_scores
+from ..core.allocator import FocusAllocator, ingest, prompt_refocus_points
 from ..core.config import BLOCK_SIZE, MCConfig
 from ..core.gistnet import MeanPoolGist, load_gistnet
 from ..core.lensnet import LensNet, LensNetConfig, entry_features
 from ..core.tree import MegaContextTree, children, node_end, node_start
 from ..core.working_context import Action, WorkingContext
+from ..reference import context_embeddings
 from .data import split_files, stdlib_files, token_stream
 from .gistnet import _atomic_save, fingerprint, load_checkpoint
 from .tasks import KINDS, build_sequence, make_item
@@ -104,13 +105,7 @@ def runtime_state(tree: MegaContextTree, prompt: list[int], w_max: int, hold: in
     ingested), before that refocus: chunks of ``w_max // 2``, oldest collapsed for room."""
     wc, alloc, chunk = WorkingContext([], 0, w_max), FocusAllocator(MCConfig(w_max=w_max)), w_max // 2
     for i in range(0, hold, chunk):
-        part = prompt[i : min(i + chunk, hold)]
-        need = ingest_room(tree.num_tokens, len(part))
-        if wc.free < need:
-            for a in alloc.make_room(wc, recency_scores(wc), tree, need):
-                wc.apply(a)
-        tree.append(part)
-        wc.grow(tree.num_tokens)
+        ingest(wc, tree, alloc, prompt[i : min(i + chunk, hold)])
     return wc
 
 
@@ -126,7 +121,7 @@ def context_nll(model: Any, tree: MegaContextTree, wcs: list[WorkingContext], re
     by_len: dict[int, list[int]] = {}
     mats = []
     for i, wc in enumerate(wcs):
-        m = _materialize(wc, tree)
+        m = context_embeddings(wc, tree)
         mats.append(m)
         by_len.setdefault(len(m), []).append(i)
     tgt = torch.tensor(target, device=dev)
@@ -138,16 +133,6 @@ def context_nll(model: Any, tree: MegaContextTree, wcs: list[WorkingContext], re
             logits.transpose(1, 2), tgt[None].expand(len(idx), -1), reduction="none").mean(-1)
         out[idx] = nll.cpu()
     return out
-
-
-def _materialize(wc: WorkingContext, tree: MegaContextTree) -> torch.Tensor:
-    parts = []
-    for e in wc.entries:
-        if e[0] == 0:
-            parts.append(tree.embed(tree.tokens(node_start(e), min(node_end(e), tree.num_tokens))))
-        else:
-            parts.append(tree.gist(e)[None].float())
-    return torch.cat(parts)
 
 
 def _variant(wc: WorkingContext, *actions: Action) -> WorkingContext:

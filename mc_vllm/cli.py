@@ -207,6 +207,7 @@ def cmd_train_base_model(args: argparse.Namespace) -> int:
                           steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                           text_share=args.text_share, copy_share=args.copy_share,
                           induction_steps=args.induction_steps,
+                          induction_until=args.induction_until,
                           seed=args.seed, answer_weight=args.answer_weight)
     report = train_base_model(cfg)
     print("[mc-vllm] held-out accuracy (whole sequence in context): "
@@ -308,14 +309,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="model dir with the bundled tokenizer (built if missing)")
     p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
     p.add_argument("--max-position", type=int, default=1024, help="RoPE table size")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1500, help="mixed steps after the opening")
     p.add_argument("--batch", type=int, default=8, help="rows of --seq-len tokens per step")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--text-share", type=float, default=0.25)
     p.add_argument("--copy-share", type=float, default=0.3)
-    p.add_argument("--induction-steps", type=int, default=2000,
-                   help="opening steps of pure repeated sequences (grow induction heads)")
+    p.add_argument("--induction-steps", type=int, default=2500,
+                   help="at most this many opening steps of pure repeated sequences")
+    p.add_argument("--induction-until", type=float, default=0.5,
+                   help="the opening ends once the repeats' recent mean loss is below this")
     p.add_argument("--answer-weight", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_base_model)

@@ -56,8 +56,9 @@ def test_batches_are_deterministic(tok, tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_training_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
-    small = dict(tokenizer_from=str(tiny_model_dir), seq_len=128, batch=2, steps=2,
-                 checkpoint_every=1, max_train_tokens=50_000, warmup=1)
+    small = dict(tokenizer_from=str(tiny_model_dir), seq_len=512, batch=1, steps=2,
+                 checkpoint_every=1, max_train_tokens=50_000, warmup=1,
+                 induction_steps=1)
     train_base_model(BaseTrainConfig(out=str(tmp_path / "a"), **small), progress=False)
     cut = BaseTrainConfig(out=str(tmp_path / "b"), **small)
     assert train_base_model(cut, progress=False, stop_after=1) is None  # interrupted

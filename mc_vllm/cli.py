@@ -202,13 +202,11 @@ def cmd_train_base_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
     from .train.base_model import BaseTrainConfig, train_base_model
 
-    cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)), out=args.out,
-                          seq_len=args.seq_len, max_position=args.max_position,
-                          steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                          text_share=args.text_share, copy_share=args.copy_share,
-                          induction_steps=args.induction_steps,
-                          induction_until=args.induction_until,
-                          seed=args.seed, answer_weight=args.answer_weight)
+    names = ("seq_len", "max_position", "steps", "batch", "lr", "warmup", "text_share",
+             "copy_share", "induction_steps", "induction_until", "answer_weight", "seed")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)),
+                          out=args.out, **given)
     report = train_base_model(cfg)
     print("[mc-vllm] held-out accuracy (whole sequence in context): "
           + ", ".join(f"{k} {v:.0%}" for k, v in (report or {}).items()))
@@ -307,20 +305,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer-from", default=str(DEFAULT_TINY_DIR),
                    help="model dir with the bundled tokenizer (built if missing)")
-    p.add_argument("--seq-len", type=int, default=512, help="trained context (tokens)")
-    p.add_argument("--max-position", type=int, default=1024, help="RoPE table size")
-    p.add_argument("--steps", type=int, default=1500, help="mixed steps after the opening")
-    p.add_argument("--batch", type=int, default=8, help="rows of --seq-len tokens per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=50)
-    p.add_argument("--text-share", type=float, default=0.25)
-    p.add_argument("--copy-share", type=float, default=0.3)
-    p.add_argument("--induction-steps", type=int, default=2500,
-                   help="at most this many opening steps of pure repeated sequences")
-    p.add_argument("--induction-until", type=float, default=0.5,
-                   help="the opening ends once the repeats' recent mean loss is below this")
-    p.add_argument("--answer-weight", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    # unset flags keep BaseTrainConfig's defaults (the committed tiny-reader's recipe)
+    p.add_argument("--seq-len", type=int, help="trained context (tokens; default 512)")
+    p.add_argument("--max-position", type=int, help="RoPE table size (default 1024)")
+    p.add_argument("--steps", type=int, help="mixed steps after the opening (default 1500)")
+    p.add_argument("--batch", type=int, help="rows of --seq-len tokens per step (default 8)")
+    p.add_argument("--lr", type=float, help="default 1e-3")
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--text-share", type=float)
+    p.add_argument("--copy-share", type=float)
+    p.add_argument("--induction-steps", type=int,
+                   help="at most this many opening steps of pure repeated sequences (2500)")
+    p.add_argument("--induction-until", type=float,
+                   help="the opening ends once the repeats' recent mean loss is below this (0.5)")
+    p.add_argument("--answer-weight", type=float)
+    p.add_argument("--seed", type=int)
     p.set_defaults(fn=cmd_train_base_model)
 
     p = sub.add_parser("make-tiny-model", help="write the deterministic tiny Llama checkpoint")

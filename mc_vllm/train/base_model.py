@@ -54,12 +54,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 class BaseTrainConfig:
     tokenizer_from: str  # a model dir holding the bundled tokenizer (models/tiny-llama)
     out: str
-    seq_len: int = 1024  # trained context of the last phase
-    max_position: int = 4096  # RoPE table; trained context is seq_len
-    steps: int = 1200  # mixed steps, after the induction opening
+    # the defaults are the committed tiny-reader's recipe (and the CLI's defaults)
+    seq_len: int = 512  # trained context of the last phase
+    max_position: int = 1024  # RoPE table; trained context is seq_len
+    steps: int = 1500  # mixed steps, after the induction opening
     batch: int = 8  # rows per step in the last phase (earlier phases: more, shorter rows)
     text_share: float = 0.25
-    copy_share: float = 0.25
+    copy_share: float = 0.3
     induction_steps: int = 2500  # at most this many opening steps of pure repeats
     induction_until: float = 0.5  # ... ending once the repeats' recent mean loss is below
     bf16: bool = False  # bf16 autocast: no faster on a 2-core CPU at this size
@@ -67,11 +68,17 @@ class BaseTrainConfig:
     warmup: int = 50
     seed: int = 0
     checkpoint_every: int = 100
-    answer_weight: float = 1.0
+    answer_weight: float = 2.0
     max_train_tokens: int | None = 4_000_000
 
 
 INDUCTION_WINDOW = 25  # steps averaged to decide that induction has formed
+
+
+def in_opening(step: int, induction_end: int | None) -> bool:
+    """Whether ``step`` is in the induction opening (``induction_end``: the step it ended
+    at, None while it runs)."""
+    return induction_end is None or step < induction_end
 
 
 def _lr(cfg: BaseTrainConfig, step: int, induction_end: int | None) -> float:
@@ -79,7 +86,7 @@ def _lr(cfg: BaseTrainConfig, step: int, induction_end: int | None) -> float:
     formation), then cosine to 0.1 × ``lr`` over the mixed steps."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    if induction_end is None or step < induction_end:
+    if in_opening(step, induction_end):
         return cfg.lr
     t = (step - induction_end) / max(1, cfg.steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
@@ -96,7 +103,7 @@ def phase_shape(cfg: BaseTrainConfig, step: int, induction_end: int | None = Non
     """(rows, length) of the batch at ``step`` (the induction opening while
     ``induction_end`` is None or not reached): the length curriculum, tokens per step
     constant (``batch × seq_len``)."""
-    if induction_end is None or step < induction_end:
+    if in_opening(step, induction_end):
         return cfg.batch * cfg.seq_len // INDUCTION_LEN, INDUCTION_LEN
     t = (step - induction_end) / max(1, cfg.steps)
     for end, div in PHASES:
@@ -140,7 +147,7 @@ def make_batch(tok: Any, stream: Any, cfg: BaseTrainConfig, step: int,
     rng = random.Random(f"{split}/{cfg.seed}/{step}")
     rows, length = phase_shape(cfg, step, induction_end)
     ids, mask = [], []
-    if induction_end is None or step < induction_end:
+    if in_opening(step, induction_end):
         # never a fixed period first: measured, its fixed-offset solution then keeps the
         # loss at chance once the period varies (800 steps)
         for _ in range(rows):
@@ -231,6 +238,7 @@ def train_base_model(cfg: BaseTrainConfig, *, progress: bool = True,
     bar = tqdm(initial=step, desc="train-base-model", disable=not progress)
     log = open(out / "train_log.jsonl", "a")
     model.train()
+
     def done() -> bool:
         return induction_end is not None and step >= induction_end + cfg.steps
 
@@ -247,15 +255,15 @@ def train_base_model(cfg: BaseTrainConfig, *, progress: bool = True,
         step += 1
         if induction_end is None:
             recent = (recent + [float(ans.detach())])[-INDUCTION_WINDOW:]
-            formed = len(recent) == INDUCTION_WINDOW and sum(recent) / len(recent) < \
-                cfg.induction_until
+            mean = sum(recent) / len(recent)
+            formed = len(recent) == INDUCTION_WINDOW and mean < cfg.induction_until
             if formed or step >= cfg.induction_steps:
                 induction_end = step
                 bar.write(f"[train-base-model] induction opening ended at step {step} "
-                          f"(repeat loss {sum(recent) / len(recent):.3f})")
+                          f"(repeat loss {mean:.3f})")
         log.write(json.dumps({"step": step, "loss": float(loss.detach()),
                               "answer_loss": float(ans.detach()),
-                              "induction": induction_end is None or step <= induction_end})
+                              "induction": in_opening(step - 1, induction_end)})
                   + "\n")
         log.flush()
         bar.update(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import sysconfig
@@ -182,13 +183,10 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
 def cmd_train_lensnet(args: argparse.Namespace) -> int:
     from .train.lensnet import LensTrainConfig, train_lensnet
 
-    cfg = LensTrainConfig(
-        model=args.model, out=args.out, gistnet=args.gistnet or "", w_max=args.w_max,
-        history_x=tuple(args.history_x), steps=args.steps, samples=args.samples, lr=args.lr,
-        seed=args.seed, checkpoint_every=args.checkpoint_every, width=args.width,
-        device=args.device, dtype=args.dtype, data=args.data or [],
-        max_train_tokens=args.max_train_tokens, eval_samples=args.eval_samples,
-    )
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    names = {f.name for f in dataclasses.fields(LensTrainConfig)}
+    cfg = LensTrainConfig(**{k: v for k, v in given.items() if k in names and k != "history_x"},
+                          **({"history_x": tuple(args.history_x)} if args.history_x else {}))
     r = train_lensnet(cfg, resume=not args.restart)
     print(f"[mc-vllm] held-out: the top-scored gist holds the fact in "
           f"{r['lensnet_needle_top1']:.0%} of task samples (heuristic scorer: "
@@ -283,20 +281,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="HF model directory (frozen base model)")
     p.add_argument("--gistnet", help="the model's trained GistNet dir (default: mean-pool)")
     p.add_argument("--out", required=True, help="output directory (checkpoint, then the net)")
-    p.add_argument("--w-max", type=int, default=256, help="W_max the contexts are built for")
-    p.add_argument("--history-x", type=float, nargs=2, default=[2.0, 32.0],
-                   metavar=("LO", "HI"), help="history length range, in W_max")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--samples", type=int, default=4, help="working contexts per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=20)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="float32", help="the base model's dtype (bfloat16 on GPU)")
+    # Unset flags keep LensTrainConfig's defaults (the shipped tiny stack's recipe).
+    p.add_argument("--w-max", type=int, help="W_max the contexts are built for (256)")
+    p.add_argument("--history-x", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="history length range, in W_max (2 32)")
+    p.add_argument("--pool", type=int, help="labelled training working contexts (1000)")
+    p.add_argument("--steps", type=int, help="optimizer steps over the pool (2000)")
+    p.add_argument("--samples", type=int, help="working contexts per step (8)")
+    p.add_argument("--lr", type=float, help="learning rate (1e-3)")
+    p.add_argument("--seed", type=int, help="seed (0)")
+    p.add_argument("--checkpoint-every", type=int, help="steps and labels per save (100)")
+    p.add_argument("--width", type=int, help="LensNet width (64)")
+    p.add_argument("--device", help="cpu | cuda (cpu)")
+    p.add_argument("--dtype", help="the base model's dtype (float32; bfloat16 on GPU)")
     p.add_argument("--data", nargs="*", help="text files (default: the stdlib's *.py)")
-    p.add_argument("--max-train-tokens", type=int, default=2_000_000)
-    p.add_argument("--eval-samples", type=int, default=24)
+    p.add_argument("--max-train-tokens", type=int, help="training text budget (2000000)")
+    p.add_argument("--eval-samples", type=int, help="held-out samples evaluated (48)")
     p.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
     p.set_defaults(fn=cmd_train_lensnet)
 

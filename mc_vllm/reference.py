@@ -154,7 +154,7 @@ class ReferenceRuntime:
         alloc = FocusAllocator(cfg)
         stats = MCStats(w_max=cfg.w_max)
         n = len(prompt_ids)
-        holds = prompt_refocus_points(n, cfg.w_max, cfg.gist_levels)
+        holds = prompt_refocus_points(n, cfg.w_max, cfg.prompt_refocus_rounds)
         upto = holds[0] if holds else n  # ingested in bulk; the rest one token per refocus
         if ingest_chunk is None:
             tree.append(prompt_ids[:upto])

@@ -10,10 +10,10 @@ $MC train-base-model --out "$OUT" --seed 0
 $MC train-gistnet --model "$OUT" --out "$OUT/megacontext/gistnet" --levels 1 2 \
     --lod2-teacher lod1 --steps 400 --batch 8 --seed 0
 $MC train-lensnet --model "$OUT" --gistnet "$OUT/megacontext/gistnet" \
-    --out "$OUT/megacontext/lensnet" --w-max 256 --steps 150 --samples 4 --seed 0
+    --out "$OUT/megacontext/lensnet" --seed 0
 cat > "$OUT/megacontext.json" <<JSON
 {"gistnet": "megacontext/gistnet", "lensnet": "megacontext/lensnet",
  "megacontext": {"w_max": 256}}
 JSON
-rm -f "$OUT/checkpoint.pt" "$OUT"/megacontext/*/checkpoint.pt
+rm -f "$OUT/checkpoint.pt" "$OUT"/megacontext/*/checkpoint.pt "$OUT"/megacontext/*/labels.pt
 echo "[train_tiny_stack] done: $OUT"

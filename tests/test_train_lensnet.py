@@ -27,7 +27,7 @@ from mc_vllm.train.lensnet import (
     train_lensnet,
 )
 
-SMALL = dict(w_max=128, history_x=(2.0, 3.0), samples=1, checkpoint_every=1, eval_samples=2,
+SMALL = dict(w_max=128, history_x=(2.0, 3.0), pool=3, samples=2, checkpoint_every=1, eval_samples=2,
              max_train_tokens=60_000, width=32, max_labels=4, max_children=2)
 
 
@@ -65,7 +65,7 @@ def test_labels_are_the_nll_changes_they_claim(frozen):
 def test_cli_trains_saves_and_reports(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "lens"
     rc = main(["train-lensnet", "--model", str(tiny_model_dir), "--out", str(out),
-               "--steps", "2", "--samples", "1", "--w-max", "128", "--history-x", "2", "3",
+               "--pool", "2", "--steps", "2", "--samples", "1", "--w-max", "128", "--history-x", "2", "3",
                "--width", "32", "--eval-samples", "2", "--max-train-tokens", "60000"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -97,7 +97,7 @@ def test_mismatched_model_checkpoint_or_gistnet_is_refused(tiny_model_dir, tmp_p
         train_lensnet(LensTrainConfig(model=str(other), out=str(out), steps=2, **SMALL),
                       progress=False)
     rc = main(["train-lensnet", "--model", str(other), "--out", str(out), "--steps", "2",
-               "--max-train-tokens", "60000"])
+               "--pool", "2", "--max-train-tokens", "60000"])
     assert rc == 2 and "train into another --out directory" in capsys.readouterr().err
     # a GistNet trained for the tiny model does not go with the other one
     gist = tmp_path / "gist"
@@ -107,3 +107,44 @@ def test_mismatched_model_checkpoint_or_gistnet_is_refused(tiny_model_dir, tmp_p
     with pytest.raises(NetConfigError, match="trained for base model"):
         train_lensnet(LensTrainConfig(model=str(other), out=str(tmp_path / "l2"), steps=1,
                                       gistnet=str(gist), **SMALL), progress=False)
+
+
+def test_interrupted_labelling_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    """A run killed while labelling its pool keeps the labels it saved and makes the rest:
+    the net equals an uninterrupted run's. Labels made another way are refused."""
+    mk = lambda d, **kw: LensTrainConfig(model=str(tiny_model_dir), out=str(tmp_path / d),  # noqa: E731
+                                         steps=2, **{**SMALL, **kw})
+    train_lensnet(mk("a"), progress=False)
+    train_lensnet(mk("b"), progress=False, stop_after=0)
+    labels = tmp_path / "b" / "labels.pt"
+    saved = torch.load(labels, weights_only=True)
+    assert len(saved["labels"]) == 3
+    saved["labels"] = saved["labels"][:1]  # as if killed after the first save
+    torch.save(saved, labels)
+    train_lensnet(mk("b"), progress=False)
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(NetConfigError, match="labels made for"):
+        train_lensnet(mk("b", history_x=(2.0, 4.0)), progress=False)
+
+
+def test_input_standardization_is_fitted_on_the_pool(tiny_model_dir, tmp_path):
+    """The saved net carries per-kind input statistics fitted on its training features: the
+    standardized LOD1 gists of the pool have mean 0 and std 1 per dimension."""
+    from mc_vllm.train.lensnet import LABELS, Labelled
+
+    out = tmp_path / "l"
+    train_lensnet(LensTrainConfig(model=str(tiny_model_dir), out=str(out), steps=1,
+                                  **{**SMALL, "pool": 4}), progress=False)
+    net = load_lensnet(out)
+    assert not torch.equal(net.input_std[1], torch.ones_like(net.input_std[1]))
+    pool = [Labelled.from_dict(d) for d in torch.load(out / LABELS, weights_only=True)["labels"]]
+    rows = []
+    for s in pool:
+        f = s.features
+        kinds = net.input_kinds(f.levels, f.meta[:, 3])
+        rows.append(net.standardize(f.vecs, kinds)[kinds == 1])
+        rows.append(net.standardize(f.cond[:-1], torch.ones(len(f.cond) - 1, dtype=torch.long)))
+    x = torch.cat(rows)
+    assert x.mean(0).abs().max() < 1e-3 and (x.std(0) - 1).abs().max() < 1e-3

@@ -172,19 +172,20 @@ def recency_scores(wc: WorkingContext) -> list[float]:
     return [-1.0 + i / max(n, 1) for i in range(n)]
 
 
-def prompt_refocus_points(prompt_len: int, w_max: int, gist_levels: int) -> list[int]:
+def prompt_refocus_points(prompt_len: int, w_max: int, rounds: int) -> list[int]:
     """History lengths at which the end of a prompt is refocused before the first token.
 
     A refocus normally runs when a block seals, so a question at the end of a long prompt
     would be answered on a focus chosen before it was read. Instead the prompt's last
-    ``gist_levels`` tokens are ingested one at a time, with a refocus (LensNet scores on the
-    history so far) before each: a top-level gist can then reach raw tokens, one level per
-    round, before the first token is sampled. Empty when the prompt fits in ``w_max`` (no
-    gists, nothing to expand). Returns e.g. ``[n - 2, n - 1]`` for two levels.
+    ``rounds`` tokens are ingested one at a time, with a refocus (LensNet scores on the
+    history so far) before each: with ``rounds`` >= the number of gist levels a top-level
+    gist can reach raw tokens, one level per round, before the first token is sampled
+    (``MCConfig.prompt_refocus_rounds``). Empty when the prompt fits in ``w_max`` (no
+    gists, nothing to expand). Returns e.g. ``[n - 2, n - 1]`` for two rounds.
     """
     if prompt_len <= w_max:
         return []
-    return list(range(max(1, prompt_len - gist_levels), prompt_len))
+    return list(range(max(1, prompt_len - rounds), prompt_len))
 
 
 def ingest_room(history_len: int, chunk: int) -> int:

@@ -226,7 +226,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             alloc=FocusAllocator(cfg),
             layout=KVLayout(self.mc_options.retained_cap),
             wc=WorkingContext([], 0, cfg.w_max),
-            holds=prompt_refocus_points(len(prompt), cfg.w_max, cfg.gist_levels),
+            holds=prompt_refocus_points(len(prompt), cfg.w_max, cfg.prompt_refocus_rounds),
         )
         patches().opt_out_of_prefix_cache(request)
         self.mc[request.request_id] = st

@@ -12,12 +12,14 @@ standard-library files, neither seen in training) it compares:
   sinks) + the most recent ``W_max − 4`` (positions contiguous, as in its rolling cache);
 * ``mc_meanpool_heuristic``: MegaContext with mean-pool gists and the heuristic scorer
   (exact reference runtime);
+* ``mc_gistnet_heuristic``: the shipped GistNet with the heuristic scorer (reference
+  runtime): the gists' own effect, the focus policy held at the baseline's;
 * ``mc_trained_ref``: MegaContext with the shipped GistNet and LensNet, exact reference
   runtime (whole working context recomputed every step);
 * ``mc_trained_vllm``: the same in vLLM swap mode (paged KV, refocus as block-table edits).
 
 Metrics: passkey exact-match accuracy at histories 2×, 8× and 32× W_max, the needle at 10
-depths; key→value and variable-tracking accuracy at 8× W_max; ΔNLL@64 against full context
+depths (``--passkey-seeds`` items at each); key→value and variable-tracking accuracy at 8× W_max; ΔNLL@64 against full context
 on held-out text (history 2 × W_max − 64, each of the 64 tokens scored as the next token of
 its own prompt, so every method sees the same prompts). Writes ``quality.json``,
 ``quality.png`` (accuracy vs history length per method; depth × length heatmap for
@@ -40,8 +42,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "truncation", "sink_window", "mc_meanpool_heuristic", "mc_trained_ref",
-           "mc_trained_vllm")
+METHODS = ("full", "truncation", "sink_window", "mc_meanpool_heuristic",
+           "mc_gistnet_heuristic", "mc_trained_ref", "mc_trained_vllm")
 MULTS = (2, 8, 32)
 DEPTHS = 10
 SINKS = 4
@@ -59,11 +61,13 @@ class QItem:
     answer: list[int]
 
 
-def make_items(tok, stream: np.ndarray, w_max: int, n_tasks: int, depths: int) -> list[QItem]:
-    """Passkey items at every (length, depth); kv and vartrack items at 8× W_max."""
+def make_items(tok, stream: np.ndarray, w_max: int, n_tasks: int, depths: int,
+               seeds: int = 1) -> list[QItem]:
+    """``seeds`` passkey items at every (length, depth); kv and vartrack items at 8× W_max."""
     from mc_vllm.train.tasks import build_sequence, make_item
 
-    specs = [("passkey", m, (d + 0.5) / depths, m * 100 + d) for m in MULTS for d in range(depths)]
+    specs = [("passkey", m, (d + 0.5) / depths, s * 1000 + m * 100 + d)
+             for s in range(seeds) for m in MULTS for d in range(depths)]
     specs += [(k, 8, (i + 0.5) / n_tasks, 10_000 + i) for k in ("kv", "vartrack")
               for i in range(n_tasks)]
     items = []
@@ -114,9 +118,11 @@ class Runner:
         self.llm = MegaContextLLM(model, dtype="float32", max_model_len=max(1024, full_context))
         cfg = MCConfig.from_dict({**self.llm.options.defaults.to_dict(), "w_max": w_max})
         self.chunk = min(self.llm.options.max_chunk, w_max // 2)
+        trained = ReferenceRuntime.from_pretrained(model, cfg)
         self.refs = {
-            "mc_meanpool_heuristic": ReferenceRuntime.from_pretrained(model, cfg, use_stack=False),
-            "mc_trained_ref": ReferenceRuntime.from_pretrained(model, cfg),
+            "mc_meanpool_heuristic": ReferenceRuntime(trained.model, cfg),
+            "mc_gistnet_heuristic": ReferenceRuntime(trained.model, cfg, gist_fn=trained.gist_fn),
+            "mc_trained_ref": trained,
         }
         self.mc_args = {"mc": 1, "mc_w_max": w_max}
 
@@ -182,12 +188,14 @@ def summarize(items: list[QItem], got: dict[str, list], nll: dict[str, float | N
 
 
 def heatmap(items: list[QItem], got: list) -> dict[str, list]:
-    """Passkey accuracy by [mult][depth] for one method."""
+    """Passkey accuracy by [mult][depth] for one method (mean over the items at a depth)."""
     out = {}
     for m in MULTS:
-        sel = sorted((it.depth, g == it.answer) for it, g in zip(items, got, strict=True)
-                     if it.kind == "passkey" and it.mult == m and g is not None)
-        out[str(m)] = [int(h) for _, h in sel]
+        by_depth: dict[float, list[bool]] = {}
+        for it, g in zip(items, got, strict=True):
+            if it.kind == "passkey" and it.mult == m and g is not None:
+                by_depth.setdefault(it.depth, []).append(g == it.answer)
+        out[str(m)] = [round(sum(h) / len(h), 3) for _, h in sorted(by_depth.items())]
     return out
 
 
@@ -241,6 +249,8 @@ def main() -> None:
     ap.add_argument("--full-context", type=int, default=512,
                     help="the model's trained context: full-context rows only up to it")
     ap.add_argument("--quick", action="store_true", help="fewer items (a smoke run)")
+    ap.add_argument("--passkey-seeds", type=int, default=3,
+                    help="passkey items per (length, depth)")
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
@@ -256,7 +266,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     held = token_stream(tok, split_files(stdlib_files())[1], 200_000)
     n_tasks, depths, n_text = (4, 4, 1) if args.quick else (20, DEPTHS, 8)
-    items = make_items(tok, held, w_max, n_tasks, depths)
+    seeds = 1 if args.quick else args.passkey_seeds
+    items = make_items(tok, held, w_max, n_tasks, depths, seeds)
     pairs = text_prompts(held, w_max, n_text)
     run = Runner(args.model, w_max, args.full_context)
     got: dict[str, list] = {}
@@ -273,7 +284,7 @@ def main() -> None:
         print(f"[quality] {m}: {seconds[m]} s", flush=True)
     result = {
         "model": Path(args.model).name, "w_max": w_max, "full_context": args.full_context,
-        "n_passkey": depths, "n_tasks": n_tasks, "n_text": len(pairs),
+        "n_passkey": depths * seeds, "n_tasks": n_tasks, "n_text": len(pairs),
         "table": summarize(items, got, nll),
         "heatmap_mc_trained_vllm": heatmap(items, got["mc_trained_vllm"]),
         "seconds": seconds,

@@ -13,7 +13,11 @@ standard-library files, neither seen in training) it compares:
 * ``mc_meanpool_heuristic``: MegaContext with mean-pool gists and the heuristic scorer
   (exact reference runtime);
 * ``mc_gistnet_heuristic``: the shipped GistNet with the heuristic scorer (reference
-  runtime): the gists' own effect, the focus policy held at the baseline's;
+  runtime). The heuristic's similarity term reads gist geometry (trained gists are nearly
+  collinear, so for them it is recency alone): the focus differs from the row above;
+* ``mc_meanpool_recency`` / ``mc_gistnet_recency``: mean-pool vs trained gists under the
+  same focus, recency only (the heuristic without its similarity term): the gists' own
+  effect;
 * ``mc_trained_ref``: MegaContext with the shipped GistNet and LensNet, exact reference
   runtime (whole working context recomputed every step);
 * ``mc_trained_vllm``: the same in vLLM swap mode (paged KV, refocus as block-table edits).
@@ -43,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "truncation", "sink_window", "mc_meanpool_heuristic",
-           "mc_gistnet_heuristic", "mc_trained_ref", "mc_trained_vllm")
+           "mc_gistnet_heuristic", "mc_meanpool_recency", "mc_gistnet_recency",
+           "mc_trained_ref", "mc_trained_vllm")
 MULTS = (2, 8, 32)
 DEPTHS = 10
 SINKS = 4
@@ -118,10 +123,16 @@ class Runner:
         self.llm = MegaContextLLM(model, dtype="float32", max_model_len=max(1024, full_context))
         cfg = MCConfig.from_dict({**self.llm.options.defaults.to_dict(), "w_max": w_max})
         self.chunk = min(self.llm.options.max_chunk, w_max // 2)
+        from mc_vllm.core.lensnet import HeuristicScorer
+
         trained = ReferenceRuntime.from_pretrained(model, cfg)
+        m, gists = trained.model, trained.gist_fn
         self.refs = {
-            "mc_meanpool_heuristic": ReferenceRuntime(trained.model, cfg),
-            "mc_gistnet_heuristic": ReferenceRuntime(trained.model, cfg, gist_fn=trained.gist_fn),
+            "mc_meanpool_heuristic": ReferenceRuntime(m, cfg),
+            "mc_gistnet_heuristic": ReferenceRuntime(m, cfg, gist_fn=gists),
+            "mc_meanpool_recency": ReferenceRuntime(m, cfg, scorer=HeuristicScorer(w_sim=0.0)),
+            "mc_gistnet_recency": ReferenceRuntime(m, cfg, gist_fn=gists,
+                                                   scorer=HeuristicScorer(w_sim=0.0)),
             "mc_trained_ref": trained,
         }
         self.mc_args = {"mc": 1, "mc_w_max": w_max}

@@ -180,13 +180,21 @@ def cmd_train_gistnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_fields(cls: type, args: argparse.Namespace) -> dict:
+    """The flags the user set that are fields of the config dataclass ``cls`` (flags left
+    unset keep the dataclass's defaults; lists become tuples where the field is a tuple)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in vars(args).items():
+        if k in fields and v is not None:
+            out[k] = tuple(v) if isinstance(v, list) and "tuple" in str(fields[k].type) else v
+    return out
+
+
 def cmd_train_lensnet(args: argparse.Namespace) -> int:
     from .train.lensnet import LensTrainConfig, train_lensnet
 
-    given = {k: v for k, v in vars(args).items() if v is not None}
-    names = {f.name for f in dataclasses.fields(LensTrainConfig)}
-    cfg = LensTrainConfig(**{k: v for k, v in given.items() if k in names and k != "history_x"},
-                          **({"history_x": tuple(args.history_x)} if args.history_x else {}))
+    cfg = LensTrainConfig(**set_fields(LensTrainConfig, args))
     r = train_lensnet(cfg, resume=not args.restart)
     print(f"[mc-vllm] held-out: the top-scored gist holds the fact in "
           f"{r['lensnet_needle_top1']:.0%} of task samples (heuristic scorer: "
@@ -200,11 +208,9 @@ def cmd_train_base_model(args: argparse.Namespace) -> int:
     from .tiny_model import make_tiny_model
     from .train.base_model import BaseTrainConfig, train_base_model
 
-    names = ("seq_len", "max_position", "steps", "batch", "lr", "warmup", "text_share",
-             "copy_share", "induction_steps", "induction_until", "answer_weight", "seed")
-    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    cfg = BaseTrainConfig(tokenizer_from=str(make_tiny_model(args.tokenizer_from)),
-                          out=args.out, **given)
+    given = set_fields(BaseTrainConfig, args)
+    given["tokenizer_from"] = str(make_tiny_model(args.tokenizer_from))
+    cfg = BaseTrainConfig(**given)
     report = train_base_model(cfg)
     print("[mc-vllm] held-out accuracy (whole sequence in context): "
           + ", ".join(f"{k} {v:.0%}" for k, v in (report or {}).items()))

@@ -20,8 +20,9 @@ pairwise ranking loss (the allocator acts on the order of scores: expansions hig
 collapses lowest first) plus a listwise term (softmax cross-entropy putting the entry of
 highest utility first when it is worth ``listwise_min`` nats or more: measured on the tiny
 reader, it raised the held-out top-1 rate from ~0.33 to ~0.43, because the pairwise term
-spreads its gradient over many near-tie pairs of worthless entries) plus a budget term (the expansions the scores ask for, net of the
-collapses they offer, should fit the free budget). Entries that cannot change (the open
+spreads its gradient over many near-tie pairs of worthless entries) plus a budget term
+(the expansions the scores ask for, net of the collapses they offer, should fit the free
+budget). Entries that cannot change (the open
 block) carry no label.
 
 Labelling is the expensive part (one batched forward of the frozen model per sample), so
@@ -266,7 +267,8 @@ class SampleSource:
 
 
 def lens_loss(net: LensNet, s: Labelled, cfg: LensTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Regression + ranking + budget loss of one sample (see the module docstring)."""
+    """Regression + ranking + listwise + budget loss of one labelled sample (see the module
+    docstring); returns the loss and its terms as floats."""
     f = s.features
     dev = next(net.parameters()).device
     scores = net(f.vecs.to(dev), f.levels.to(dev), f.meta.to(dev), f.cond.to(dev))
@@ -297,15 +299,13 @@ def lens_loss(net: LensNet, s: Labelled, cfg: LensTrainConfig) -> tuple[torch.Te
                   "listwise": float(listwise.detach()), "budget": float(budget.detach())}
 
 
-def needle_hit(net: Any, s: Labelled) -> bool | None:
-    """Whether the top-scored gist holds the task's fact (None: no fact, or it is raw)."""
+def needle_hit(scores: Any, s: Labelled) -> bool | None:
+    """Whether the top-scored gist (``scores``: [N], any scorer's) holds the task's fact
+    (None: no fact, or it is raw)."""
     if s.needle_entry < 0:
         return None
-    f = s.features
-    with torch.no_grad():
-        scores = net(f.vecs, f.levels, f.meta, f.cond)
-    gists = (f.levels > 0).nonzero()[:, 0]
-    return int(gists[scores[gists].argmax()]) == s.needle_entry
+    gists = (s.features.levels > 0).nonzero()[:, 0].tolist()
+    return max(gists, key=lambda i: float(scores[i])) == s.needle_entry
 
 
 def _net_config(cfg: LensTrainConfig, fp: dict[str, Any]) -> LensNetConfig:
@@ -327,15 +327,10 @@ def evaluate(net: LensNet, source: SampleSource, cfg: LensTrainConfig) -> dict[s
             for k in terms:
                 terms[k] += t[k] / len(labelled)
     out = {f"eval_{k}": round(v, 4) for k, v in terms.items()}
-    hits = [h for h in (needle_hit(net, s) for s in labelled) if h is not None]
-    out["lensnet_needle_top1"] = round(sum(hits) / max(len(hits), 1), 3)
-    heuristic, hits = HeuristicScorer(), []
-    for s, lab in zip(samples, labelled, strict=True):
-        if lab.needle_entry >= 0:
-            sc = heuristic.score(s.wc, s.tree)
-            gists = [i for i, e in enumerate(s.wc.entries) if e[0] > 0]
-            hits.append(max(gists, key=lambda i: sc[i]) == lab.needle_entry)
-    out["heuristic_needle_top1"] = round(sum(hits) / max(len(hits), 1), 3)
+    for name, scorer in (("lensnet", net), ("heuristic", HeuristicScorer())):
+        hits = [h for h in (needle_hit(scorer.score(s.wc, s.tree), lab)
+                            for s, lab in zip(samples, labelled, strict=True)) if h is not None]
+        out[f"{name}_needle_top1"] = round(sum(hits) / max(len(hits), 1), 3)
     out["eval_task_samples"] = len(hits)
     return out
 

@@ -20,7 +20,12 @@ standard-library files, neither seen in training) it compares:
   effect;
 * ``mc_trained_ref``: MegaContext with the shipped GistNet and LensNet, exact reference
   runtime (whole working context recomputed every step);
-* ``mc_trained_vllm``: the same in vLLM swap mode (paged KV, refocus as block-table edits).
+* ``mc_trained_vllm``: the same in vLLM swap mode (paged KV, refocus as block-table edits);
+* ``mc_oracle_focus``: the shipped GistNet with a focus that knows where the fact is (its
+  entries score +1, the last two entries 0, all others below ``-tau_collapse``; reference
+  runtime). Not a method a user can run: it is the ceiling of the trained stack with a
+  perfect LensNet, so it separates what the scorer misses from what the base model and the
+  gists miss. Task items only (ΔNLL has no fact to find).
 
 Metrics: passkey exact-match accuracy at histories 2×, 8× and 32× W_max, the needle at 10
 depths (``--passkey-seeds`` items at each); key→value and variable-tracking accuracy at 8× W_max; ΔNLL@64 against full context
@@ -48,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "truncation", "sink_window", "mc_meanpool_heuristic",
            "mc_gistnet_heuristic", "mc_meanpool_recency", "mc_gistnet_recency",
-           "mc_trained_ref", "mc_trained_vllm")
+           "mc_trained_ref", "mc_trained_vllm", "mc_oracle_focus")
 MULTS = (2, 8, 32)
 DEPTHS = 10
 SINKS = 4
@@ -64,6 +69,7 @@ class QItem:
     seed: int
     prompt: list[int]
     answer: list[int]
+    needle: tuple[int, int]  # token span of the fact in ``prompt``
 
 
 def make_items(tok, stream: np.ndarray, w_max: int, n_tasks: int, depths: int,
@@ -80,10 +86,36 @@ def make_items(tok, stream: np.ndarray, w_max: int, n_tasks: int, depths: int,
         rng = random.Random(f"quality/{kind}/{seed}")
         length = mult * w_max
         start = rng.randrange(0, len(stream) - length)
-        ids, a = build_sequence(tok, make_item(kind, seed, "eval"), stream[start : start + length],
-                                length, depth, rng)
-        items.append(QItem(kind, mult, depth, seed, ids[:a], ids[a:]))
+        item = make_item(kind, seed, "eval")
+        ids, a = build_sequence(tok, item, stream[start : start + length], length, depth, rng)
+        needle = tok.encode(item.needle, add_special_tokens=False)
+        at = find_span(ids[:a], needle)
+        items.append(QItem(kind, mult, depth, seed, ids[:a], ids[a:], (at, at + len(needle))))
     return items
+
+
+def find_span(seq: list[int], sub: list[int]) -> int:
+    """First index of ``sub`` in ``seq``. Raises ValueError if absent."""
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    raise ValueError("the needle's tokens are not in the prompt")
+
+
+class NeedleOracle:
+    """A scorer that knows the fact's token span (``span``, set per item): entries over it
+    score +1, the two most recent entries 0 (the question), the rest from -1 (oldest) to
+    -0.5, so that any budget the expansions need can be funded (the allocator collapses only
+    entries below ``-tau_collapse``)."""
+
+    span = (0, 0)
+
+    def score(self, wc, tree) -> list[float]:
+        from mc_vllm.core.tree import node_end, node_start
+
+        n, (a, b) = len(wc.entries), self.span
+        return [1.0 if node_start(e) < b and a < node_end(e) else
+                0.0 if i >= n - 2 else -1.0 + 0.5 * i / n for i, e in enumerate(wc.entries)]
 
 
 def view(method: str, prompt: list[int], w_max: int) -> list[int]:
@@ -134,6 +166,7 @@ class Runner:
             "mc_gistnet_recency": ReferenceRuntime(m, cfg, gist_fn=gists,
                                                    scorer=HeuristicScorer(w_sim=0.0)),
             "mc_trained_ref": trained,
+            "mc_oracle_focus": ReferenceRuntime(m, cfg, gist_fn=gists, scorer=NeedleOracle()),
         }
         self.mc_args = {"mc": 1, "mc_w_max": w_max}
 
@@ -146,9 +179,12 @@ class Runner:
         from vllm import SamplingParams
 
         if method in self.refs:
-            rt = self.refs[method]
-            return [rt.generate(it.prompt, len(it.answer), ingest_chunk=self.chunk).token_ids
-                    for it in items]
+            rt, out = self.refs[method], []
+            for it in items:
+                if isinstance(rt.scorer, NeedleOracle):
+                    rt.scorer.span = it.needle
+                out.append(rt.generate(it.prompt, len(it.answer), ingest_chunk=self.chunk).token_ids)
+            return out
         todo = [i for i, it in enumerate(items) if self.fits(method, len(it.prompt) + len(it.answer))]
         mc = method == "mc_trained_vllm"
         prompts = [{"prompt_token_ids": items[i].prompt if mc else
@@ -165,6 +201,8 @@ class Runner:
         """Mean next-token NLL (nats) of the pairs; None where ``method`` does not apply."""
         from vllm import SamplingParams
 
+        if method == "mc_oracle_focus":
+            return None
         if method in self.refs:
             rt = self.refs[method]
             lp = [float(rt.generate(p, 1, ingest_chunk=self.chunk).first_logprobs[t])
@@ -222,7 +260,7 @@ def plot(result: dict, path: Path) -> None:
         xs = [x * w for x in MULTS if table[m][f"passkey@{x}x"] is not None]
         ys = [table[m][f"passkey@{x}x"] for x in MULTS if table[m][f"passkey@{x}x"] is not None]
         if xs:
-            a.plot(xs, ys, marker="o", label=m)
+            a.plot(xs, ys, marker="o", label=m, linestyle="--" if m == "mc_oracle_focus" else "-")
     a.set_xscale("log", base=2)
     a.set_xlabel("history length (tokens)")
     a.set_ylabel("passkey accuracy")

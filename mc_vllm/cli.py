@@ -161,6 +161,34 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def cmd_sessions(args: argparse.Namespace) -> int:
+    """List, show or delete persistent sessions (the server's session directory)."""
+    import os
+
+    from .core.sessions import SessionError, SessionRoot
+
+    root = SessionRoot(args.dir or os.environ.get("MC_VLLM_SESSION_DIR"))
+    if args.action != "list" and not args.id:
+        print(f"mc-vllm sessions {args.action}: give a session id", file=sys.stderr)
+        return 2
+    try:
+        if args.action == "list":
+            rows = root.list()
+            print(f"{len(rows)} session(s) in {root.root}")
+            for s in rows:
+                print(f"  {s.id:<32} {s.history_tokens:>10} tokens  {s.requests:>4} requests  "
+                      f"{s.disk_bytes / 2**20:8.2f} MiB  model {s.base_model}")
+        elif args.action == "show":
+            print(json.dumps(root.info(args.id).to_dict(), indent=2))
+        else:
+            root.delete(args.id)
+            print(f"deleted {args.id}")
+    except SessionError as e:
+        print(f"mc-vllm sessions: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train_gistnet(args: argparse.Namespace) -> int:
     from .train.gistnet import GistTrainConfig, train_gistnet
 
@@ -257,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gistnet")
     p.add_argument("--lensnet")
     p.set_defaults(fn=cmd_serve, passthrough=True)
+
+    p = sub.add_parser("sessions", help="list, show or delete persistent sessions")
+    p.add_argument("action", choices=["list", "show", "delete"])
+    p.add_argument("id", nargs="?", help="session id (show, delete)")
+    p.add_argument("--dir", help="session directory (default: $MC_VLLM_SESSION_DIR or "
+                   "~/.cache/mc_vllm/sessions, as the server's megacontext.session_dir)")
+    p.set_defaults(fn=cmd_sessions)
 
     p = sub.add_parser("train-gistnet", help="train GistNet for a frozen HF causal LM")
     p.add_argument("--model", required=True, help="HF model directory (frozen base model)")

@@ -23,6 +23,7 @@ from .vllm.options import (
     FrontEndLimits,
     is_megacontext,
     validate_request,
+    visible_prompt_len,
 )
 from .vllm.plugin import SCHEDULER_CLS
 
@@ -106,8 +107,7 @@ class MegaContextLLM:
             raise ValueError(f"mc={extra[ENABLE_KEY]!r}: MegaContext is switched off, but "
                              "generate(megacontext=True) asks for it")
         ids = list(extra[PROMPT_KEY])
-        # as much of the history as vLLM's prompt + output row (max_model_len) can hold
-        k = max(1, min(len(ids), self.max_model_len - sp.max_tokens))
+        k = visible_prompt_len(len(ids), self.max_model_len, sp.max_tokens)
         vp: dict[str, Any] = {"prompt_token_ids": ids[-k:]}
         if text is not None:
             vp["prompt"] = text

@@ -33,7 +33,7 @@ from typing import Any
 
 # Bump whenever the bytes written change on purpose (corpus rule, tokenizer, init, config):
 # callers treat a directory with another version as stale and rebuild it.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the tokenizer has a chat template
 MARKER = "mc_tiny_model.json"
 MODEL_ID = "mc-tiny-llama"
 
@@ -141,7 +141,8 @@ def _train_tokenizer(out: Path, texts: list[str]) -> None:
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False)
+    cfg.update(add_bos_token=True, add_eos_token=False, clean_up_tokenization_spaces=False,
+               chat_template=CHAT_TEMPLATE)
     _write_json(cfg_path, cfg)
     # transformers 5 no longer writes this; older loaders and tools still look for it.
     _write_json(out / "special_tokens_map.json",
@@ -207,6 +208,15 @@ def _build_model(out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------
 # directory handling
+
+
+# A plain-text chat format ("User: …" lines, then "Assistant:"), so that the OpenAI chat
+# endpoint serves the tiny models; they were not trained on chat, only on text it resembles.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 
 
 def _write_json(path: Path, obj: Any) -> None:

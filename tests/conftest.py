@@ -29,6 +29,8 @@ def tiny_model_dir() -> Path:
 # vLLM integration tests share one in-process engine (engine start costs ~30 s here).
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # scheduler inspectable
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# persistent sessions of every engine the tests start (in-process or served) go here
+os.environ.setdefault("MC_VLLM_SESSION_DIR", __import__("tempfile").mkdtemp(prefix="mc-sessions-"))
 
 
 @pytest.fixture(scope="session")

@@ -188,9 +188,9 @@ CASES: list[HostileCase] = [
        "mc_debug_invariants='maybe': expected a boolean"),
     _r("debug_invariants_2", {"mc_debug_invariants": 2}, "mc_debug_invariants",
        "mc_debug_invariants=2: expected a boolean"),
-    # ---- mc_session: validated, then refused until persistent sessions exist ------------
-    _r("session_valid_not_supported", {"mc_session": "chat-42.v1_A"}, "mc_session",
-       "persistent sessions are not supported yet"),
+    # ---- mc_session: a valid id is served (the session is created, then resumed: every
+    # front end sends this case's same history); unsafe ids are refused ---------------------
+    HostileCase("session_valid", {"mc_session": "chat-42.v1_A"}, "served"),
     _r("session_traversal", {"mc_session": "../etc"}, "mc_session", "mc_session: invalid session id"),
     _r("session_dotdot", {"mc_session": ".."}, "mc_session", "'.' and '..' are not names"),
     _r("session_slash", {"mc_session": "a/b"}, "mc_session", "mc_session: invalid session id"),
@@ -208,8 +208,9 @@ CASES: list[HostileCase] = [
        prompt_logprobs=1),
     _r("max_tokens_past_max_model_len", {"mc": 1}, "max_tokens",
        f"max_tokens={MAX_MODEL_LEN - 1}: a MegaContext request generates at most",
-       max_tokens=MAX_MODEL_LEN - 1, http_expect="served",
-       http_note="vLLM's server clamps max_tokens to max_model_len - prompt_len first"),
+       max_tokens=MAX_MODEL_LEN - 1,
+       http_note="refused over HTTP too: an opted-in request's length check is MegaContext's "
+                 "(the history is not bounded by max_model_len, its output is)"),
     _r("absolute_history_past_rope", {"mc_position_mode": "absolute"}, "mc_prompt",
        f"past the model's table (max_position_embeddings={MAX_POSITION})",
        history=MAX_POSITION - 4, max_tokens=8,

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mc_vllm.core.allocator import CapacityError, FocusAllocator, cold_start, recency_scores
+from mc_vllm.core.allocator import CapacityError, FocusAllocator, cold_start
 from mc_vllm.core.config import MCConfig
 from mc_vllm.core.gistnet import MeanPoolGist
 from mc_vllm.core.tree import MegaContextTree, node_end, node_start
@@ -59,7 +59,7 @@ def test_allocator_keeps_invariants(history, extra_w, steps, n_diff, cooldown, t
         # A history that fits W_max exactly is shown raw with no headroom; the runtimes then
         # collapse for room when the next block opens (MCScheduler._append_generated).
         if tree.num_tokens % K == 0 and wc.free < K:
-            for a in alloc.make_room(wc, recency_scores(wc), tree, K):
+            for a in alloc.make_room(wc, tree, K):
                 wc.apply(a)
         # tokens arrive up to the next block boundary, where refocus happens
         tree.append(rng.integers(0, 64, K - tree.num_tokens % K or K))
@@ -177,3 +177,55 @@ def test_action_geometry():
     assert a.removed == [(2, 3)] and len(a.added) == 32 and a.delta_cost == 31
     assert node_start(a.added[0]) == node_start((2, 3)) and node_end(a.added[-1]) == node_end((2, 3))
     assert Action("collapse", (1, 7)).removed == [(0, 7)] and Action("collapse", (1, 7)).delta_cost == -31
+
+
+@settings(max_examples=25, deadline=None)
+@given(w_max=st.sampled_from([128, 192, 256, 512]), chunk_div=st.sampled_from([1, 2, 4]),
+       back=st.integers(0, 3000))
+def test_chunked_ingest_reaches_every_history_the_front_end_admits(w_max, chunk_div, back):
+    """Regression: a history the front end admits (check_capacity) is ingested to its end in
+    chunks of w_max // chunk_div (the scheduler's and the reference's chunking). Before:
+    a chunk that completed a top-level group under a full budget failed (the group could
+    collapse only after its raw blocks did, and one plan acts once per span); near
+    capacity a chunk of w_max // 2 raw tokens did not fit beside the coarsest history
+    (100,352 tokens at W_max = 256 failed); and the front end admitted histories whose
+    prefixes, just before a group completes, cost more than W_max."""
+    from mc_vllm.core.allocator import check_capacity, ingest
+
+    def admitted(n: int) -> bool:
+        try:
+            check_capacity(n, w_max)
+            return True
+        except CapacityError:
+            return False
+
+    n = 0  # the longest admitted history (admission is prefix-closed), then ``back`` less
+    for step in (1024 * 64, 1024, K, 1):
+        while admitted(n + step):
+            n += step
+    assert not admitted(n + 1)
+    n = max(1, n - back)
+    tree = MegaContextTree(embed_dim=0, embed_fn=None, gist_fn=None)
+    wc, alloc = WorkingContext([], 0, w_max), FocusAllocator(MCConfig(w_max=w_max))
+    chunk = w_max // chunk_div
+    for i in range(0, n, chunk):
+        ingest(wc, tree, alloc, [3] * min(chunk, n - i))
+        check_invariants(wc, top_level=2)
+    assert tree.num_tokens == n and wc.cost <= w_max
+
+
+def test_admission_is_prefix_closed():
+    """Every prefix of an admitted history is admitted (the front end's promise that the
+    runtime never meets a length it cannot show on the way)."""
+    from mc_vllm.core.allocator import check_capacity
+
+    for w_max in (128, 256):
+        ok = []
+        for n in range(0, 300_000, 7):
+            try:
+                check_capacity(n, w_max)
+                ok.append(True)
+            except CapacityError:
+                ok.append(False)
+        first_refused = ok.index(False)
+        assert not any(ok[first_refused:]), w_max

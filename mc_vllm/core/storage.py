@@ -193,6 +193,54 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
+    """The metadata a store's ``lod0.bin`` header records, without taking the writer lock
+    (for readers: the server's front end, ``mc-vllm sessions``). Raises StorageError for a
+    missing, foreign or corrupt header."""
+    f = Path(path) / "lod0.bin"
+    try:
+        with open(f, "rb") as fh:
+            raw = fh.read(HEADER_SIZE)
+    except FileNotFoundError:
+        raise StorageError(f"{Path(path)}: no history store here (lod0.bin missing)") from None
+    if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
+        raise StorageError(f"{f}: not a mc_vllm history file")
+    _, version, _, bs, dim, levels, dt, model = _HEADER.unpack_from(raw)
+    if version != FORMAT_VERSION or zlib.crc32(raw[:_CRC_AT]) != struct.unpack_from(
+            "<I", raw, _CRC_AT)[0]:
+        raise StorageError(f"{f}: header of format version {version} is unsupported or corrupt")
+    return StoreMeta(embed_dim=dim, dtype=dt.rstrip(b"\0").decode("ascii", "replace"),
+                     base_model=model.rstrip(b"\0").decode("utf-8", "replace"),
+                     gist_levels=levels, block_size=bs)
+
+
+def read_tokens(path: str | os.PathLike[str]) -> np.ndarray:
+    """A snapshot of a store's history (int32 token ids: the sealed blocks, then the open
+    block when its tag still matches), read without the writer lock. What a concurrent
+    writer has not finished (a torn record, an open block being replaced) is left out, as
+    ``HistoryStore.open`` would after a crash. Raises StorageError like :func:`read_meta`."""
+    meta = read_meta(path)
+    p = Path(path)
+    rb = _record_bytes(meta, 0)
+    with open(p / "lod0.bin", "rb") as fh:
+        fh.seek(HEADER_SIZE)
+        data = fh.read()
+    blocks = len(data) // rb
+    sealed = np.frombuffer(data[: blocks * rb], dtype=_TOKEN)
+    try:
+        raw = (p / _OPEN_FILE).read_bytes()
+    except FileNotFoundError:
+        raw = b""
+    if len(raw) >= _OPEN.size:
+        magic, version, block, n, crc = _OPEN.unpack_from(raw)
+        body = raw[_OPEN.size :]
+        if (magic == _OPEN_MAGIC and version == FORMAT_VERSION and block == blocks
+                and n < meta.block_size and len(body) == n * _TOKEN.itemsize
+                and zlib.crc32(body, zlib.crc32(raw[: _OPEN.size - 4])) == crc):
+            return np.concatenate([sealed, np.frombuffer(body, dtype=_TOKEN)]).astype(np.int32)
+    return sealed.astype(np.int32)
+
+
 class HistoryStore:
     """The single writer's handle on one session directory (use create/open, not __init__)."""
 
@@ -496,6 +544,13 @@ class HistoryStore:
         f.flush()
         os.fsync(f.fileno())
         self._dirty.discard(level)
+
+    def write_through(self) -> None:
+        """Hand every append so far to the kernel (no fsync): it then survives the process
+        being killed, though not a power loss (:meth:`flush`)."""
+        self._check_usable()
+        for level in self._dirty:
+            self._files[level].flush()
 
     def flush(self) -> None:
         """Make every append so far durable (lod0 first, then the gist levels)."""

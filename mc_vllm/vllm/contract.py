@@ -29,6 +29,25 @@ SCHEDULER_CLS = "mc_vllm.vllm.scheduler.MCScheduler"  # --scheduler-cls
 # is built; it stays set, so later engines in that process use runner V1 as well.
 REQUIRED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 
+# The share of the memory free at engine start that a MegaContext engine on the CPU
+# backend takes for its KV pool when the user sized nothing (see cpu_kv_cache_bytes).
+CPU_KV_SHARE = 0.25
+MIN_CPU_KV_BYTES = 256 << 20
+
+
+def cpu_kv_cache_bytes(available_bytes: int) -> int:
+    """KV pool size for a MegaContext engine on the CPU backend whose user set none of
+    ``--kv-cache-memory-bytes``, ``VLLM_CPU_KVCACHE_SPACE``, ``--gpu-memory-utilization``.
+
+    vLLM's CPU default reserves ``gpu_memory_utilization`` (0.92) of the whole NUMA node
+    and refuses to start when that much is not free (v1/worker/cpu_worker.py,
+    ``CPUWorker.__init__``): on any shared machine it does not start. A bounded working
+    context needs few pages per request, so a quarter of what is free (at least 256 MiB,
+    whole MiB) serves many requests and leaves room for the weights and activations.
+    ``available_bytes``: memory free now (bytes). Returns bytes."""
+    return max(MIN_CPU_KV_BYTES, int(available_bytes * CPU_KV_SHARE)) >> 20 << 20
+
+
 # Attention backends whose KV layout mc_vllm.vllm.kv_ops knows, by vLLM backend name.
 KV_LAYOUT_OF_BACKEND = {
     "CPU_ATTN": "cpu",

@@ -11,6 +11,7 @@ Every error message starts with the name of the field to blame (``mc_prompt[3]: 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ import numpy as np
 
 from ..core.allocator import CapacityError, check_capacity
 from ..core.config import BLOCK_SIZE, ConfigError, MCConfig, parse_flag, short_repr
+from ..core.sessions import SessionRoot
+from ..core.storage import StoreMeta
 
 REQUEST_PREFIX = "mc_"
 ENABLE_KEY = "mc"
 PROMPT_KEY = "mc_prompt"  # the full history (token ids) when it exceeds max_model_len
-SESSION_KEY = "mc_session"  # reserved for persistent sessions (refused until implemented)
+SESSION_KEY = "mc_session"  # a persistent session's id (core.sessions)
 REQUEST_KEYS = (PROMPT_KEY, SESSION_KEY)  # request keys that are not MCConfig fields
 ADDITIONAL_KEY = "megacontext"
 MAX_SESSION_ID = 128
@@ -50,6 +53,12 @@ class EngineOptions:
     # When full, a block falls back to a collapse-time gist.
     side_store_rows: int = 1024
     side_store_per_request: int = 256
+    # persistent sessions (core.sessions): where they live, the most tokens one session's
+    # history may hold and the most disk all may use (0: no limit; past it the least
+    # recently used sessions are deleted)
+    session_dir: str | None = None  # default: $MC_VLLM_SESSION_DIR or ~/.cache/mc_vllm/sessions
+    session_max_tokens: int = 0
+    sessions_max_bytes: int = 0
 
     @classmethod
     def from_additional_config(cls, additional: Mapping[str, Any] | None) -> EngineOptions:
@@ -61,16 +70,34 @@ class EngineOptions:
         raw = dict(raw_in)
         own = {f.name for f in dataclasses.fields(cls)} - {"defaults"}
         mine = {k: raw.pop(k) for k in list(raw) if k in own}
-        for k in ("gistnet", "lensnet"):
+        for k in ("gistnet", "lensnet", "session_dir"):
             if k in mine and mine[k] is not None and not isinstance(mine[k], str):
                 raise ConfigError(f"{prefix}{k}={short_repr(mine[k])}: must be a directory (str)")
         for k, low in (("retained_cap", 0), ("max_chunk", BLOCK_SIZE), ("side_store_rows", 0),
-                       ("side_store_per_request", 0)):
+                       ("side_store_per_request", 0), ("session_max_tokens", 0),
+                       ("sessions_max_bytes", 0)):
             if k in mine and (type(mine[k]) is not int or mine[k] < low):
                 raise ConfigError(f"{prefix}{k}={short_repr(mine[k])}: must be an int >= {low}")
         defaults = MCConfig.from_dict(raw, prefix=prefix, also_known=own)
         _check_w_max(defaults.w_max, f"{prefix}w_max")
         return cls(defaults=defaults, **mine)
+
+    def session_root(self) -> SessionRoot:
+        """Where this deployment's persistent sessions live, with its retention limits."""
+        root = self.session_dir or os.environ.get("MC_VLLM_SESSION_DIR")
+        return SessionRoot(root, self.session_max_tokens, self.sessions_max_bytes)
+
+
+def visible_prompt_len(history_len: int, max_model_len: int, max_tokens: int | None) -> int:
+    """How many of a MegaContext history's last tokens vLLM's own request row shows (its
+    prompt + output row is ``max_model_len`` long; the scheduler replaces those tokens with
+    the working context's). The rest of the history travels in ``mc_prompt``.
+
+    ``max_tokens=None`` (unset) reserves all but 2 slots for output, so vLLM's default
+    (``max_model_len - prompt length``) leaves a MegaContext request as much room to
+    generate as offline (``MegaContextLLM.prepare``). Returns a count in [1, history_len]."""
+    reserve = max_model_len - 2 if max_tokens is None else max_tokens
+    return max(1, min(history_len, max_model_len - reserve))
 
 
 def _check_w_max(w_max: int, name: str) -> None:
@@ -99,6 +126,15 @@ class FrontEndLimits:
             vocab_size=int(model_config.get_vocab_size()),
             max_position=int(max_pos) if isinstance(max_pos, int) and max_pos > 0 else None,
         )
+
+
+def session_meta(model_config: Any, gist_levels: int) -> StoreMeta:
+    """What a persistent session's store records of the model it was made with (vLLM's
+    ``ModelConfig``, duck-typed): the model directory's or hub id's last component, its
+    hidden size, the gist levels. A session is only reopened by a matching server."""
+    name = os.path.basename(os.path.normpath(str(model_config.model))) or str(model_config.model)
+    return StoreMeta(embed_dim=int(model_config.get_hidden_size()), dtype="float32",
+                     base_model=name[:64], gist_levels=gist_levels)
 
 
 def is_megacontext(extra_args: Mapping[str, Any] | None) -> bool:
@@ -175,7 +211,7 @@ def validate_request(
         return None
     assert extra_args is not None
     if SESSION_KEY in extra_args:
-        _refuse_session(extra_args[SESSION_KEY])
+        check_session_id(extra_args[SESSION_KEY])
     if has_prompt_embeds:
         raise ValueError("prompt_embeds: MegaContext requests take token ids, not prompt "
                          "embeddings (the history is ingested and gisted from ids)")
@@ -261,9 +297,9 @@ def _check_history(prompt: Any, vocab_size: int) -> int:
     return len(prompt)
 
 
-def _refuse_session(session: Any) -> None:
-    """``mc_session`` ids are checked now (they will name directories), but persistent
-    sessions are not served yet: a valid id is refused rather than silently ignored."""
+def check_session_id(session: Any) -> str:
+    """``mc_session``: a str naming one directory (core.storage.validate_session_id):
+    ``[A-Za-z0-9._-]``, 1-128 characters, not ``.``/``..``. ValueError naming the field."""
     from ..core.storage import validate_session_id
 
     if not isinstance(session, str):
@@ -271,7 +307,6 @@ def _refuse_session(session: Any) -> None:
     if not 1 <= len(session) <= MAX_SESSION_ID:
         raise ValueError(f"{SESSION_KEY}: must be 1-{MAX_SESSION_ID} characters, got {len(session)}")
     try:
-        validate_session_id(session)
+        return validate_session_id(session)
     except ValueError as e:
         raise ValueError(f"{SESSION_KEY}: {e}") from None
-    raise ValueError(f"{SESSION_KEY}={session!r}: persistent sessions are not supported yet")

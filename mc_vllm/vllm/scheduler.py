@@ -19,8 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from ..core.allocator import FocusAllocator, ingest_room, prompt_refocus_points, recency_scores
+from ..core.allocator import (
+    FocusAllocator,
+    ingest_room,
+    max_ingest_chunk,
+    prompt_refocus_points,
+)
 from ..core.config import BLOCK_SIZE, MCConfig
+from ..core.sessions import SessionError, SessionState, SessionWriter, common_prefix
+from ..core.storage import StorageError
 from ..core.tree import MegaContextTree, node_start
 from ..core.working_context import (
     Action,
@@ -37,10 +44,12 @@ from .layout import (
     Edit,
     KVLayout,
     absolute_position,
+    gist_slot,
     seal_gist_slot,
     token_slot,
 )
-from .options import PROMPT_KEY, EngineOptions, request_options
+from .metrics import MCMetrics
+from .options import PROMPT_KEY, SESSION_KEY, EngineOptions, request_options, session_meta
 from .records import (
     CopySlots,
     KVOp,
@@ -80,6 +89,11 @@ class MCRequestStats:
     # bookkeeping) and worker side (GistNet, LensNet, slot copies)
     scheduler_seconds: float = 0.0
     worker_aux_seconds: float = 0.0
+    # persistent sessions: history tokens taken from the session (not ingested again) and
+    # working-context slots recomputed to resume its checkpoint
+    restored_tokens: int = 0
+    restored_slots: int = 0
+    ingested_tokens: int = 0  # history tokens fed through ingest by this request
 
 
 @dataclass
@@ -116,6 +130,8 @@ class MCRequest:
     answer_wc: list[tuple[int, int]] = field(default_factory=list)  # see MCSummary
     last_plan_decode: bool = False
     stats: MCRequestStats = field(default_factory=lambda: MCRequestStats())
+    session: SessionWriter | None = None  # the persistent session this request extends
+    ingest_started: float = 0.0  # perf_counter at admission; ingest time ends at first sample
     _bases: tuple[tuple[int, int], dict] | None = field(default=None, repr=False)
 
     def compact_bases(self) -> dict[tuple[int, int], int]:
@@ -180,6 +196,13 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         self._side_rows = list(range(self.mc_options.side_store_rows))[::-1]
         self._mc_new_configs: dict[str, dict] = {}
         self.pages = patches().KVPages(self)
+        # persistent sessions: one request at a time per session (later ones are parked
+        # here, outside vLLM, until it finishes: serialised, never interleaved)
+        self.sessions = self.mc_options.session_root()
+        self._session_users: dict[str, str] = {}  # session id -> request id
+        self._parked: OrderedDict[str, Any] = OrderedDict()  # request id -> request
+        self._unparked: list[Any] = []
+        self.metrics = MCMetrics.for_engine()
         self.failures: OrderedDict[str, str] = OrderedDict()  # request id -> error (bounded)
         self._failed: list[Any] = []  # finished with an error, output not yet emitted
         # prefix caching stays on for plain requests; MegaContext pages are never committed
@@ -198,6 +221,10 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             return self._fail(request.request_id, e)
         if cfg is None:
             return super().add_request(request)
+        sid = extra.get(SESSION_KEY)
+        if isinstance(sid, str) and sid in self._session_users:
+            self._parked[request.request_id] = request  # its session is busy: wait
+            return None
         try:
             st = self._admit(request, cfg)
         except Exception as e:
@@ -228,10 +255,127 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             wc=WorkingContext([], 0, cfg.w_max),
             holds=prompt_refocus_points(len(prompt), cfg.w_max, cfg.prompt_refocus_rounds),
         )
+        st.ingest_started = time.perf_counter()
         patches().opt_out_of_prefix_cache(request)
+        sid = sp.extra_args.get(SESSION_KEY)
+        if sid is not None:
+            self._open_session(st, sid)  # last: nothing after it may fail and leak the lock
         self.mc[request.request_id] = st
         self._mc_new_configs[request.request_id] = cfg.to_dict()
+        self.metrics.requests += 1
+        self.metrics.history_tokens += len(prompt)
         return st
+
+    # ---- persistent sessions ---------------------------------------------------------------
+
+    def _open_session(self, st: MCRequest, sid: str) -> None:
+        """Take the session (its store's writer lock), check that its stored history is a
+        prefix of this request's, and resume its checkpoint: the checkpoint's tokens join
+        the history without being ingested again, its working context is recomputed (at
+        most W_max slots), the rest of the history is ingested as usual.
+        Raises SessionError (mismatch, limits) or StorageError (unreadable, locked)."""
+        cfg = st.cfg
+        root = self.sessions
+        if root.max_tokens and len(st.prompt) > root.max_tokens:
+            raise SessionError(f"{SESSION_KEY}={sid!r}: history of {len(st.prompt)} tokens is "
+                               f"over the per-session limit of {root.max_tokens}")
+        meta = session_meta(self.vllm_config.model_config, cfg.gist_levels)
+        writer = SessionWriter(root, sid, meta)
+        try:
+            n = common_prefix(writer.stored, st.prompt)
+            if n < writer.num_tokens:
+                raise SessionError(f"{SESSION_KEY}={sid!r}: the history diverges from the "
+                                   f"stored one at token {n} of {writer.num_tokens}", 409)
+            state = writer.state
+            if state is not None and self._resume(st, state, writer.stored):
+                st.stats.restored_tokens = state.history_len
+                self.metrics.restored_tokens += state.history_len
+        except BaseException:
+            writer.close()
+            raise
+        st.session = writer
+        self._session_users[sid] = st.rid
+
+    def _resume(self, st: MCRequest, state: SessionState, stored: np.ndarray) -> bool:
+        """Resume a checkpoint (False if it does not fit this request's config: then the
+        whole history is ingested again). Its working context goes to ``layout.pending``
+        in time order, so vLLM computes it like a prefill of at most W_max slots."""
+        cfg, n = st.cfg, state.history_len
+        if (n <= 0 or n > len(stored) or state.w_max != cfg.w_max
+                or state.gist_levels != cfg.gist_levels):
+            return False
+        wc = WorkingContext(state.entries, n, cfg.w_max)
+        try:
+            check_invariants(wc, top_level=cfg.top_level)
+        except InvariantError:
+            return False
+        if wc.free < K:
+            return False
+        toks = st.prompt[:n]
+        st.tree.append(toks)
+        st.wc = wc
+        st.fed = n
+        st.history_delta = toks.tolist()
+        st.alloc.step = state.allocator_step
+        st.alloc.last_flip = {(lv, i): t for lv, i, t in state.last_flip}
+        st.holds = [h for h in st.holds if h > n]
+        pending: list[Content] = []
+        for e, length in zip(wc.entries, wc.entry_lengths(), strict=True):
+            if e[0] == 0:
+                start = e[1] * K
+                pending += [token_slot(start + j, int(t))
+                            for j, t in enumerate(st.prompt[start : start + length])]
+            else:
+                pending.append(gist_slot(e))
+        st.layout.pending = pending
+        st.stats.restored_slots = len(pending)
+        return True
+
+    def _checkpoint(self, st: MCRequest, final: bool) -> None:
+        """Record the session's working context for the history ingested so far (at the end:
+        the one the answer was read from, which tiles the whole prompt)."""
+        assert st.session is not None
+        if final and st.answer_wc:
+            entries, n = st.answer_wc, len(st.prompt)
+        else:
+            entries, n = list(st.wc.entries), st.fed
+        old = st.session.state
+        st.session.checkpoint(SessionState(
+            history_len=n, w_max=st.cfg.w_max, gist_levels=st.cfg.gist_levels,
+            entries=list(entries), allocator_step=st.alloc.step,
+            last_flip=[(lv, i, t) for (lv, i), t in st.alloc.last_flip.items()],
+            requests=(old.requests if old else 0) + int(final)))
+
+    def _release_session(self, st: MCRequest, ok: bool) -> None:
+        """End a request's use of its session: final checkpoint (unless it failed: the last
+        good one stands), unlock, wake the next request parked on it, apply retention."""
+        writer = st.session
+        assert writer is not None
+        try:
+            if ok:
+                self._checkpoint(st, final=True)
+        finally:
+            st.session = None
+            writer.close()
+            self._session_users.pop(writer.id, None)
+        nxt = next((r for r in self._parked.values()
+                    if r.sampling_params.extra_args.get(SESSION_KEY) == writer.id), None)
+        if nxt is not None:
+            self._unparked.append(self._parked.pop(nxt.request_id))
+        self.sessions.enforce_retention(keep=set(self._session_users))
+
+    def get_num_unfinished_requests(self) -> int:
+        # parked requests count: the engine loop must keep stepping until they run
+        return super().get_num_unfinished_requests() + len(self._parked) + len(self._unparked)
+
+    def finish_requests(self, request_ids: Any, finished_status: Any) -> list[Any]:
+        """vLLM's, plus parked requests (aborted before they ever reached vLLM's queues)."""
+        ids = ([request_ids] if isinstance(request_ids, str)
+               else list(self._parked) if request_ids is None else list(request_ids))
+        for rid in ids:
+            if self._parked.pop(rid, None) is None:
+                self._unparked = [r for r in self._unparked if r.request_id != rid]
+        return super().finish_requests(request_ids, finished_status)
 
     # ---- fault isolation -----------------------------------------------------------------
 
@@ -304,6 +448,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                     st.written[a.node] = st.sealed_pos[a.node[1]]
                     st.stats.placed_gists += 1
                     st.stats.collapses += 1
+                    self.metrics.collapses += 1
                     continue
             elif a.op == "expand" and level == 1:
                 edit, recomputed = st.layout.expand_block(a.node[1], st.block_tokens(a.node[1]))
@@ -319,6 +464,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self._apply_edit(st, edit)
             st.stats.expands += a.op == "expand"
             st.stats.collapses += a.op == "collapse"
+            self.metrics.expands += a.op == "expand"
+            self.metrics.collapses += a.op == "collapse"
         self._settle_positions(st)
         if st.cfg.debug_invariants:
             check_invariants(st.wc, top_level=st.cfg.top_level)
@@ -352,13 +499,17 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         """Ingest: make room, then append the next prompt chunk to history and pending."""
         if not st.ingesting or st.layout.pending:
             return
-        chunk = min(len(st.prompt) - st.fed, self.mc_options.max_chunk, st.cfg.w_max // 2)
+        # the reference runtime's chunk grid (ingest_chunk = this grid), each chunk cut
+        # where the budget cannot take it at once (core.allocator.ingest does the same)
+        grid = min(self.mc_options.max_chunk, st.cfg.w_max // 2)
+        chunk = min(len(st.prompt) - st.fed, grid - st.fed % grid,
+                    max_ingest_chunk(st.tree.num_tokens, st.cfg.w_max, st.cfg.gist_levels))
         nxt = next((h for h in st.holds if h > st.fed), None)
         if nxt is not None:  # stop at the next prompt-end refocus point
             chunk = min(chunk, nxt - st.fed)
         need = ingest_room(st.tree.num_tokens, chunk)
         if st.wc.free < need:
-            actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, need)
+            actions = st.alloc.make_room(st.wc, st.tree, need)
             st.stats.forced_collapses += len(actions)
             self._apply_actions(st, actions)
         toks = st.prompt[st.fed : st.fed + chunk]
@@ -366,6 +517,12 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.tree.append(toks)
         st.wc.grow(st.tree.num_tokens)
         st.fed += chunk
+        st.stats.ingested_tokens += chunk
+        self.metrics.ingest_tokens += chunk
+        if st.session is not None:
+            st.session.extend(st.prompt, st.fed)
+            if st.fed // 4096 != (st.fed - chunk) // 4096:  # a checkpoint every 4096 tokens
+                self._checkpoint(st, final=False)
         st.history_delta += toks.tolist()
         st.mirror_dirty = True
         st.layout.pending += [token_slot(start + i, int(t)) for i, t in enumerate(toks)]
@@ -373,6 +530,9 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     # ---- schedule ----------------------------------------------------------------------
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        unparked, self._unparked = self._unparked, []
+        for request in unparked:  # their session was released in the last step
+            self.add_request(request)
         for rid, st in list(self.mc.items()):
             request = self.requests.get(rid)
             if request is None or request.num_computed_tokens != st.layout.num_computed:
@@ -386,6 +546,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             if st is not None and not self._guard(rid, self._after_schedule, out, step, st, n):
                 step.plans.pop(rid, None)  # finished with an error: the worker runs it plain
         out.mc_step = step
+        self.metrics.publish(self)
         return out
 
     def _before_schedule(self, request: Any, st: MCRequest) -> None:
@@ -415,6 +576,13 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.table_dirty = False
         lay.tail_pages = table[len(lay.lod0) :]
         plan = step.plans[rid] = self._plan(st, n)
+        request = self.requests[rid]
+        if request.prefill_stats is not None and request.num_preemptions <= 0:
+            # what vLLM reports for the prompt (usage cached_tokens, prefix-cache metrics):
+            # the history, of which the session's restored tokens were not computed again
+            request.prefill_stats.set(num_prompt_tokens=len(st.prompt),
+                                      num_local_cached_tokens=st.stats.restored_tokens,
+                                      num_external_cached_tokens=0)
         patches().set_sampling(self, self.requests[rid], out, plan.sample)
         for c, pos in zip(lay.pending[:n], plan.positions, strict=True):
             st.written[c[:2]] = pos
@@ -455,6 +623,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         st.history_delta = []
         if sample and not st.outputs_seen and not st.answer_wc:
             st.answer_wc = list(st.wc.entries)
+            self.metrics.ingest_seconds += time.perf_counter() - st.ingest_started
         st.last_plan_decode = st.outputs_seen > 0
         if st.last_plan_decode:
             st.stats.decode_tokens_fed += sum(c[0] == 0 for c in contents)
@@ -534,12 +703,13 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     def _refocus(self, st: MCRequest, scores: list[float]) -> None:
         actions = st.alloc.plan(st.wc, scores, st.tree, headroom=K)
         st.stats.refocuses += 1
+        self.metrics.refocuses += 1
         self._apply_actions(st, actions)
 
     def _append_generated(self, st: MCRequest, tok: int) -> None:
         hist = st.tree.num_tokens
         if hist % K == 0 and st.wc.free < K:  # a block opens with no room: forced collapse
-            actions = st.alloc.make_room(st.wc, recency_scores(st.wc), st.tree, K)
+            actions = st.alloc.make_room(st.wc, st.tree, K)
             st.stats.forced_collapses += len(actions)
             self._apply_actions(st, actions)
         st.tree.append([tok])
@@ -597,12 +767,18 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             self._mc_new_configs.pop(rid, None)
             freed = st.layout.release_all()
             self.pages.free(freed)
+            if st.session is not None:
+                try:
+                    self._release_session(st, ok=rid not in self.failures)
+                except (OSError, StorageError) as e:  # the request is over: log, go on
+                    logger.error("MegaContext session of %s: %s", rid, e)
             self.finished_summaries[request.request_id] = MCSummary(
                 st.tree.num_tokens, st.wc.count_by_level(), st.wc.cost, st.cfg.w_max, st.stats,
                 st.answer_wc,
             )
             while len(self.finished_summaries) > 4096:
                 self.finished_summaries.popitem(last=False)
+            self.metrics.publish(self, force=True)
 
     def queue_actions(self, request_id: str, actions: list[Action]) -> None:
         """Edits to apply before the request's next step; refused if they would break the

@@ -161,6 +161,16 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run one of the repository's benchmarks (``bench/<name>.py``) with its own flags."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / f"{args.name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: the benchmarks live in the repository checkout")
+    return subprocess.call([sys.executable, str(script), *extra])
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     """List, show or delete persistent sessions (the server's session directory)."""
     import os
@@ -285,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gistnet")
     p.add_argument("--lensnet")
     p.set_defaults(fn=cmd_serve, passthrough=True)
+
+    p = sub.add_parser("bench", help="a benchmark against vanilla vLLM (bench/NAME.py; "
+                       "its flags follow)")
+    p.add_argument("name", choices=["throughput", "decode", "ingest", "quality"])
+    p.set_defaults(fn=cmd_bench, passthrough=True)
 
     p = sub.add_parser("sessions", help="list, show or delete persistent sessions")
     p.add_argument("action", choices=["list", "show", "delete"])

@@ -607,9 +607,10 @@ def wrap_create_engine_config(orig: Any) -> Any:
         if is_mc_scheduler(cls):
             global _serves_megacontext, _engine_options
             _serves_megacontext = True
-            _engine_options = EngineOptions.from_additional_config(self.additional_config)
             serve_metrics()
             use_shipped_stack(self)
+            # after the model's shipped defaults are merged: the engine's own options
+            _engine_options = EngineOptions.from_additional_config(self.additional_config)
             size_cpu_kv_cache(self)
             for var, value in REQUIRED_ENV.items():
                 os.environ.setdefault(var, value)

@@ -37,6 +37,7 @@ from .storage import (
     StorageError,
     StoreMeta,
     _write_atomic,
+    count_tokens,
     read_meta,
     read_tokens,
     validate_session_id,
@@ -182,7 +183,7 @@ class SessionRoot:
         state = load_state(path)
         return SessionInfo(
             id=session_id,
-            history_tokens=len(read_tokens(path)),
+            history_tokens=count_tokens(path),
             checkpoint_tokens=state.history_len if state else 0,
             requests=state.requests if state else 0,
             disk_bytes=_dir_bytes(path),
@@ -196,6 +197,8 @@ class SessionRoot:
         out = []
         if self.root.is_dir():
             for p in self.root.iterdir():
+                if p.name.startswith("."):
+                    continue  # .deleted-* leftovers of an interrupted delete, temp files
                 try:
                     out.append(self.info(p.name))
                 except (SessionError, StorageError, OSError):
@@ -282,7 +285,11 @@ class SessionWriter:
         if (self.path / "lod0.bin").is_file():
             check_meta(session_id, read_meta(self.path), meta)
         self.store = HistoryStore.open_or_create(self.path, meta)  # StorageError if locked
-        have = np.concatenate([np.asarray(self.store.blocks()), self.store.open_tokens()])
+        try:
+            have = np.concatenate([np.asarray(self.store.blocks()), self.store.open_tokens()])
+        except BaseException:
+            self.store.close()  # never leave the session locked
+            raise
         self._buf = have.astype(np.int64)  # grows by doubling: extend is O(new tokens)
         self._n = len(have)
         self.state = load_state(self.path)

@@ -214,6 +214,26 @@ def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
                      gist_levels=levels, block_size=bs)
 
 
+def count_tokens(path: str | os.PathLike[str]) -> int:
+    """How many tokens :func:`read_tokens` would return, from file sizes and the open
+    block's header only (no token is read)."""
+    meta = read_meta(path)
+    p = Path(path)
+    blocks = ((p / "lod0.bin").stat().st_size - HEADER_SIZE) // _record_bytes(meta, 0)
+    try:
+        with open(p / _OPEN_FILE, "rb") as fh:
+            head = fh.read(_OPEN.size)
+    except FileNotFoundError:
+        head = b""
+    extra = 0
+    if len(head) == _OPEN.size:
+        magic, version, block, n, _ = _OPEN.unpack_from(head)
+        if magic == _OPEN_MAGIC and version == FORMAT_VERSION and block == blocks \
+                and n < meta.block_size:
+            extra = n
+    return blocks * meta.block_size + extra
+
+
 def read_tokens(path: str | os.PathLike[str]) -> np.ndarray:
     """A snapshot of a store's history (int32 token ids: the sealed blocks, then the open
     block when its tag still matches), read without the writer lock. What a concurrent
@@ -335,14 +355,22 @@ class HistoryStore:
         self._lock_fd = fd
 
     def _release(self) -> None:
+        """Close every file and unlock, whatever fails on the way (a full disk can make a
+        buffered close raise); the first error is re-raised after the lock is gone."""
+        error: BaseException | None = None
         for f in self._files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError as e:
+                error = error or e
         self._files.clear()
         self._maps.clear()
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+        if error is not None:
+            raise error
 
     def _recover(self) -> None:
         """Cut torn records, then drop records that their lower level cannot support."""

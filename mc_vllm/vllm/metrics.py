@@ -84,6 +84,12 @@ class MCMetrics:
         if not force and now - self._published < 0.5:
             return
         self._published = now
+        try:
+            self._publish(scheduler, now, force)
+        except OSError:
+            pass  # a metrics file or session listing gone away: skip this snapshot, go on
+
+    def _publish(self, scheduler: Any, now: float, force: bool) -> None:
         live = list(scheduler.mc.values())
         self.running_history_tokens = sum(st.tree.num_tokens for st in live)
         w = sum(st.cfg.w_max for st in live)
@@ -98,7 +104,8 @@ class MCMetrics:
         if now - self._disk_checked > 5 or force:
             self._disk_checked = now
             root = scheduler.sessions.root
-            self.sessions_on_disk = (sum((p / "lod0.bin").is_file() for p in root.iterdir())
+            self.sessions_on_disk = (sum((p / "lod0.bin").is_file() for p in root.iterdir()
+                                         if not p.name.startswith("."))
                                      if root.is_dir() else 0)
         if self.path:
             data = {k: v for k, v in asdict(self).items() if not k.startswith("_") and k != "path"}

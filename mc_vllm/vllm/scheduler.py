@@ -201,7 +201,6 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         self.sessions = self.mc_options.session_root()
         self._session_users: dict[str, str] = {}  # session id -> request id
         self._parked: OrderedDict[str, Any] = OrderedDict()  # request id -> request
-        self._unparked: list[Any] = []
         self.metrics = MCMetrics.for_engine()
         self.failures: OrderedDict[str, str] = OrderedDict()  # request id -> error (bounded)
         self._failed: list[Any] = []  # finished with an error, output not yet emitted
@@ -288,8 +287,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
                                    f"stored one at token {n} of {writer.num_tokens}", 409)
             state = writer.state
             if state is not None and self._resume(st, state, writer.stored):
-                st.stats.restored_tokens = state.history_len
-                self.metrics.restored_tokens += state.history_len
+                st.stats.restored_tokens = st.fed
+                self.metrics.restored_tokens += st.fed
         except BaseException:
             writer.close()
             raise
@@ -304,15 +303,27 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         if (n <= 0 or n > len(stored) or state.w_max != cfg.w_max
                 or state.gist_levels != cfg.gist_levels):
             return False
-        wc = WorkingContext(state.entries, n, cfg.w_max)
+        entries = list(state.entries)
+        if n == len(st.prompt):
+            # nothing new: the last token is fed again, so the first sample is read from a
+            # token slot (as after any ingest), not from whatever the checkpoint ends with
+            n -= 1
+            if not entries or entries[-1][0] != 0:
+                return False  # the last block was collapsed: ingest everything again
+            if n == entries[-1][1] * K:
+                entries.pop()
+            if n == 0:
+                return False
+        wc = WorkingContext(entries, n, cfg.w_max)
         try:
             check_invariants(wc, top_level=cfg.top_level)
         except InvariantError:
             return False
-        if wc.free < K:
-            return False
         toks = st.prompt[:n]
         st.tree.append(toks)
+        if wc.free < K:  # ingest resumes as it would have gone on: room for a block first
+            for a in st.alloc.make_room(wc, st.tree, K):
+                wc.apply(a)
         st.wc = wc
         st.fed = n
         st.history_delta = toks.tolist()
@@ -355,27 +366,36 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
             if ok:
                 self._checkpoint(st, final=True)
         finally:
+            # first: whatever the disk does, the session is free again (parked requests
+            # on it are admitted at the next schedule())
             st.session = None
-            writer.close()
             self._session_users.pop(writer.id, None)
-        nxt = next((r for r in self._parked.values()
-                    if r.sampling_params.extra_args.get(SESSION_KEY) == writer.id), None)
-        if nxt is not None:
-            self._unparked.append(self._parked.pop(nxt.request_id))
+            writer.close()
         self.sessions.enforce_retention(keep=set(self._session_users))
 
+    def _admit_parked(self) -> None:
+        """Admit, in arrival order, every parked request whose session is free now."""
+        for rid, request in list(self._parked.items()):
+            if request.sampling_params.extra_args.get(SESSION_KEY) not in self._session_users:
+                del self._parked[rid]
+                self.add_request(request)
+
     def get_num_unfinished_requests(self) -> int:
-        # parked requests count: the engine loop must keep stepping until they run
-        return super().get_num_unfinished_requests() + len(self._parked) + len(self._unparked)
+        # parked requests count (the engine loop must keep stepping until they run), except
+        # while vLLM is paused with mode "keep" (v1/core/sched/interface.py PauseState)
+        n = super().get_num_unfinished_requests()
+        paused = getattr(getattr(self, "_pause_state", None), "name", "") == "PAUSED_ALL"
+        return n if paused else n + len(self._parked)
 
     def finish_requests(self, request_ids: Any, finished_status: Any) -> list[Any]:
-        """vLLM's, plus parked requests (aborted before they ever reached vLLM's queues)."""
+        """vLLM's, plus parked requests (aborted before they reached vLLM's queues: they
+        are returned too, so an abort-all tells their clients)."""
         ids = ([request_ids] if isinstance(request_ids, str)
                else list(self._parked) if request_ids is None else list(request_ids))
-        for rid in ids:
-            if self._parked.pop(rid, None) is None:
-                self._unparked = [r for r in self._unparked if r.request_id != rid]
-        return super().finish_requests(request_ids, finished_status)
+        parked = [r for r in (self._parked.pop(rid, None) for rid in ids) if r is not None]
+        for request in parked:
+            request.status = finished_status
+        return super().finish_requests(request_ids, finished_status) + parked
 
     # ---- fault isolation -----------------------------------------------------------------
 
@@ -530,9 +550,7 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     # ---- schedule ----------------------------------------------------------------------
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        unparked, self._unparked = self._unparked, []
-        for request in unparked:  # their session was released in the last step
-            self.add_request(request)
+        self._admit_parked()  # requests whose session was released in the last step
         for rid, st in list(self.mc.items()):
             request = self.requests.get(rid)
             if request is None or request.num_computed_tokens != st.layout.num_computed:

@@ -191,6 +191,42 @@ def ratios(res: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]
     return out
 
 
+def headline(res: dict[str, Any]) -> dict[str, Any]:
+    """The issue's target figures from the results (None where a configuration is absent):
+    decode (TPOT) MC/truncated at 16x W_max, MC at 16x against truncated at 1x, requests/s
+    MC/full at 16x, machinery share of decode at 16x (per concurrency), and ingest time
+    (TTFT at concurrency 1) against history length: slope and R^2 of a linear fit."""
+    r = res["results"]
+    concs = sorted({int(k.split("/")[1]) for k in r["megacontext"]})
+    out: dict[str, Any] = {}
+    for c in concs:
+        mc16, tr16 = r["megacontext"].get(f"16x/{c}"), r["truncated"].get(f"16x/{c}")
+        tr1, full16 = r["truncated"].get(f"1x/{c}"), r["full"].get(f"16x/{c}")
+        out[f"c{c}"] = {
+            "decode_mc_over_truncated_16x": (round(tr16["median_tpot_ms"] / mc16["median_tpot_ms"], 3)
+                                             if mc16 and tr16 else None),
+            "decode_mc_16x_over_truncated_1x": (round(tr1["median_tpot_ms"] / mc16["median_tpot_ms"], 3)
+                                                if mc16 and tr1 else None),
+            "requests_per_second_mc_over_full_16x": (
+                round(mc16["requests_per_second"] / full16["requests_per_second"], 3)
+                if mc16 and full16 else None),
+            "machinery_share_of_decode_16x": mc16.get("machinery_share_of_decode") if mc16 else None,
+        }
+    pts = sorted((int(k.split("x/")[0]), v["mean_ttft_ms"] / 1000)
+                 for k, v in r["megacontext"].items() if k.endswith("/1"))
+    if len(pts) >= 3:
+        w = res["config"]["w_max"]
+        x = np.array([h * w for h, _ in pts], dtype=float)
+        y = np.array([t for _, t in pts])
+        slope, icept = np.polyfit(x, y, 1)
+        ss_res = float(((y - (slope * x + icept)) ** 2).sum())
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        out["ingest"] = {"history_tokens": x.astype(int).tolist(), "seconds": y.round(4).tolist(),
+                         "tokens_per_second": round(1 / slope, 1) if slope > 0 else None,
+                         "r2": round(1 - ss_res / ss_tot, 4) if ss_tot else None}
+    return out
+
+
 def plot(res: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     import matplotlib
 
@@ -248,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV pool in 32-token pages (default: max concurrency x one "
                          "W_max + output request, x 1.5)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput"))
+    ap.add_argument("--from-json", help="recompute ratios, headline, table and plot of an "
+                    "earlier run's JSON (no engine)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.histories = [int(x) for x in str(args.histories).split(",")]
@@ -261,21 +299,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args, args.histories)))
         return 0
-    results: dict[str, Any] = {"full": {}}
-    for hx in args.histories:  # full history: one engine per length, where it fits the pool
-        need = math.ceil((hx * args.w_max + args.output_len + PAGE) / PAGE)
-        if need <= args.pool_pages:
-            results["full"].update(_spawn("full", args, [hx]))
-    for method in ("truncated", "megacontext"):
-        results[method] = _spawn(method, args, args.histories)
-    res = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "passthrough")},
-           "results": results}
+    if args.from_json:
+        res = json.loads(Path(args.from_json).read_text())
+        for k in ("model", "w_max", "histories", "concurrency", "output_len", "pool_pages"):
+            setattr(args, k, res["config"][k])
+        results = res["results"]
+    else:
+        results = {"full": {}}
+        for hx in args.histories:  # full history: one engine per length, where it fits
+            need = math.ceil((hx * args.w_max + args.output_len + PAGE) / PAGE)
+            if need <= args.pool_pages:
+                results["full"].update(_spawn("full", args, [hx]))
+        for method in ("truncated", "megacontext"):
+            results[method] = _spawn(method, args, args.histories)
+        res = {"config": {k: v for k, v in vars(args).items()
+                          if k not in ("worker", "passthrough", "from_json")},
+               "results": results}
     res["ratios"] = ratios(results)
+    res["headline"] = headline(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     plot(res, args, out.with_suffix(".png"))
     print(table(res))
+    print("headline: " + json.dumps(res["headline"]))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
 

@@ -36,3 +36,6 @@ def test_short_throughput_run_writes_table_json_and_plot(tmp_path):
     assert mc["4x/3"]["kv_pages_per_request"] < full["4x/3"]["kv_pages_per_request"]
     assert res["ratios"]["4x/3"]["requests_per_second_mc_over_full"] > 0
     assert "MC/truncated" in proc.stdout
+    # the targets' figures need 16x W_max and >= 3 lengths: absent here, named as absent
+    assert res["headline"]["c3"]["decode_mc_over_truncated_16x"] is None
+    assert "headline: " in proc.stdout

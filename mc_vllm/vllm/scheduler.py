@@ -390,8 +390,10 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
     def finish_requests(self, request_ids: Any, finished_status: Any) -> list[Any]:
         """vLLM's, plus parked requests (aborted before they reached vLLM's queues: they
         are returned too, so an abort-all tells their clients)."""
+        if request_ids is not None and not isinstance(request_ids, str):
+            request_ids = list(request_ids)  # iterated twice: here and by vLLM
         ids = ([request_ids] if isinstance(request_ids, str)
-               else list(self._parked) if request_ids is None else list(request_ids))
+               else list(self._parked) if request_ids is None else request_ids)
         parked = [r for r in (self._parked.pop(rid, None) for rid in ids) if r is not None]
         for request in parked:
             request.status = finished_status

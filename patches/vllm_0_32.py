@@ -61,11 +61,10 @@ from mc_vllm.vllm.options import (
 from mc_vllm.vllm.worker import MCWorker
 
 _installed = False
-# Set when this process builds a MegaContext engine's config (the API server does, before
-# it serves): only then are MegaContext requests' prompts histories, exempt from the
-# front end's max_model_len check.
-_serves_megacontext = False
-_engine_options: EngineOptions | None = None  # the served engine's, for session routes/checks
+# The served engine's options, set when this process builds a MegaContext engine's config
+# (the API server does, before it serves): only then are MegaContext requests' prompts
+# histories, exempt from the front end's max_model_len check, and session routes served.
+_engine_options: EngineOptions | None = None
 
 
 def read_engine_settings(vllm_config: Any) -> EngineSettings:
@@ -450,7 +449,7 @@ def _opts_in(xargs: Any) -> bool:
     """Whether an OpenAI request's ``vllm_xargs`` opt in to MegaContext; malformed options
     count as no here (process_inputs refuses them with a 400 that names them)."""
     try:
-        return _serves_megacontext and is_megacontext(xargs)
+        return _engine_options is not None and is_megacontext(xargs)
     except ValueError:
         return False
 
@@ -605,8 +604,7 @@ def wrap_create_engine_config(orig: Any) -> Any:
         if wants_mc and cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
             self.scheduler_cls = cls = SCHEDULER_CLS
         if is_mc_scheduler(cls):
-            global _serves_megacontext, _engine_options
-            _serves_megacontext = True
+            global _engine_options
             serve_metrics()
             use_shipped_stack(self)
             # after the model's shipped defaults are merged: the engine's own options
@@ -635,7 +633,7 @@ def wrap_register_api_routers(orig: Any) -> Any:
     @functools.wraps(orig)
     def register_api_routers(args: Any, app: Any, *rest: Any, **kwargs: Any) -> Any:
         out = orig(args, app, *rest, **kwargs)
-        if _serves_megacontext and _engine_options is not None:
+        if _engine_options is not None:
             from mc_vllm.vllm.session_api import attach_session_routes
 
             opts = _engine_options

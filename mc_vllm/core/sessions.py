@@ -141,9 +141,6 @@ class SessionRoot:
         except ValueError as e:
             raise SessionError(f"mc_session: {e}") from None
 
-    def exists(self, session_id: str) -> bool:
-        return (self.path(session_id) / "lod0.bin").is_file()
-
     def check_request(self, session_id: str, history: np.ndarray, meta: StoreMeta) -> int:
         """Front-end check of a request on a session: the number of its history's tokens
         already stored (0 for a new session). Raises SessionError: 400 for a history over
@@ -281,7 +278,6 @@ class SessionWriter:
     def __init__(self, root: SessionRoot, session_id: str, meta: StoreMeta) -> None:
         self.id = session_id
         self.path = root.path(session_id)
-        self.root = root
         if (self.path / "lod0.bin").is_file():
             check_meta(session_id, read_meta(self.path), meta)
         self.store = HistoryStore.open_or_create(self.path, meta)  # StorageError if locked

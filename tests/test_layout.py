@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mc_vllm.vllm.compat import UnsupportedVLLMVersion, check_version
-from mc_vllm.vllm.layout import KVLayout, gist_slot, token_slot
+from mc_vllm.vllm.layout import KVLayout, gist_slot, seal_gist_slot, token_slot
 
 
 def test_version_gate():
@@ -102,3 +104,52 @@ def test_plugin_refuses_other_vllm_versions(monkeypatch):
             plugin.register()
     finally:
         compat.patches.cache_clear()
+
+
+def _recount_sealable(lay: KVLayout) -> list[int]:
+    counts: dict[int, int] = {}
+    for level, index, _ in lay.tail:
+        if level == 0:
+            counts[index // 32] = counts.get(index // 32, 0) + 1
+    return sorted(b for b, n in counts.items() if n == 32)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("tcsxep"), st.integers(0, 10**6)), max_size=60))
+def test_sealable_blocks_stay_in_step_with_every_tail_edit(ops):
+    """The per-block token counts behind sealable_blocks follow appends, seals (aligned and
+    copied), collapses of sealed and unsealed blocks, expands, seal-gist pops and
+    preemption: always what a full scan of the tail finds."""
+    lay = KVLayout(retained_cap=1)
+    pages = iter(range(1000, 10**6))
+    hist = 0
+    blocks: dict[int, list[int]] = {}
+    for op, r in ops:
+        if op == "t":  # new tokens (a block that completes may queue its seal-time gist)
+            for _ in range(1 + r % 40):
+                lay.pending.append(token_slot(hist, hist % 97))
+                blocks.setdefault(hist // 32, []).append(hist % 97)
+                hist += 1
+                if hist % 32 == 0 and r % 3 == 0:
+                    lay.pending.append(seal_gist_slot(hist // 32 - 1))
+        elif op == "c" and lay.pending:
+            lay.computed(1 + r % len(lay.pending))
+        elif op == "s" and lay.sealable_blocks():
+            lay.seal(lay.sealable_blocks()[0], lambda: next(pages))
+        elif op == "x":  # collapse a sealed block, or one whose tokens sit in the tail
+            cands = sorted({b for b, _ in lay.lod0} | set(lay._tail_tokens))
+            if cands:
+                lay.collapse_block(cands[r % len(cands)])
+        elif op == "e":
+            gists = [c[1] for c in lay.tail if c[0] == 1 and c[2] == -1]
+            if gists:
+                b = gists[r % len(gists)]
+                lay.expand_block(b, blocks[b])
+        elif op == "p":
+            if r % 2:
+                lay.pop_seal_gist()
+            else:
+                lay.reset_after_preemption(lambda b: blocks[b])
+        while len(lay.tail_pages) * 32 < len(lay.tail):  # vLLM's allocation, in the test
+            lay.tail_pages.append(next(pages))
+        assert lay.sealable_blocks() == _recount_sealable(lay)

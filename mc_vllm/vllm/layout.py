@@ -70,6 +70,9 @@ class KVLayout:
         self.lod0: list[tuple[int, int]] = []  # (block index, page id), table order
         self.tail_pages: list[int] = []
         self.tail: list[Content] = []  # computed tail slots, dense
+        # raw block -> how many of its token slots are in the computed tail, kept in step
+        # with every tail edit so finding sealable blocks each step costs no tail scan
+        self._tail_tokens: dict[int, int] = {}
         self.pending: list[Content] = []  # not yet computed, in logical order
         self.retained: OrderedDict[int, int] = OrderedDict()  # collapsed block -> page
         self.retained_cap = retained_cap
@@ -112,8 +115,13 @@ class KVLayout:
 
     def computed(self, n: int) -> None:
         """The first ``n`` pending slots were processed by the model."""
-        self.tail += self.pending[:n]
+        done = self.pending[:n]
         del self.pending[:n]
+        self.tail += done
+        counts = self._tail_tokens
+        for level, index, _ in done:
+            if level == 0:
+                counts[index // K] = counts.get(index // K, 0) + 1
 
     def reset_after_preemption(self, block_tokens: Callable[[int], list[int]]) -> list[int]:
         """vLLM freed the table and will recompute the whole mirror in table order."""
@@ -122,6 +130,7 @@ class KVLayout:
             lod0_contents += [token_slot(b * K + j, t) for j, t in enumerate(block_tokens(b))]
         self.pending = lod0_contents + self.tail + self.pending
         self.lod0, self.tail, self.tail_pages = [], [], []
+        self._tail_tokens.clear()
         return self.release_all()
 
     # ---- edits -------------------------------------------------------------------------
@@ -140,6 +149,8 @@ class KVLayout:
             return edit
         new_len = len(self.tail) - len(doomed)
         movers = [j for j in range(new_len, len(self.tail)) if j not in doomed]
+        for h in doomed:
+            self._forget_tail_token(self.tail[h])
         holes = sorted(h for h in doomed if h < new_len)
         for h, j in zip(holes, movers, strict=True):
             edit.copies.append((self.tail_slot(j), self.tail_slot(h)))
@@ -156,13 +167,18 @@ class KVLayout:
     def remove_contents(self, contents: set[Content]) -> Edit:
         return self.remove_where(contents.__contains__)
 
+    def _forget_tail_token(self, c: Content) -> None:
+        if c[0] == 0:
+            b = c[1] // K
+            left = self._tail_tokens[b] - 1
+            if left:
+                self._tail_tokens[b] = left
+            else:
+                del self._tail_tokens[b]
+
     def sealable_blocks(self) -> list[int]:
-        """Raw blocks whose 32 tokens are all in the computed tail."""
-        counts: dict[int, int] = {}
-        for level, index, _ in self.tail:
-            if level == 0:
-                counts[index // K] = counts.get(index // K, 0) + 1
-        return sorted(b for b, n in counts.items() if n == K)
+        """Raw blocks whose 32 tokens are all in the computed tail (ascending)."""
+        return sorted(b for b, n in self._tail_tokens.items() if n == K)
 
     def seal(self, block: int, fresh_page: Callable[[], int]) -> Edit:
         """Move block ``block``'s 32 token slots from the tail into a page of their own."""
@@ -174,6 +190,7 @@ class KVLayout:
             # The table's page sequence is unchanged: no copy, no table update.
             self.lod0.append((block, self.tail_pages.pop(0)))
             del self.tail[:K]
+            del self._tail_tokens[block]
             return edit
         page = fresh_page()
         edit.copies += [(self.tail_slot(j), page * K + i) for i, j in enumerate(js)]

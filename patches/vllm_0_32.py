@@ -594,7 +594,8 @@ def wrap_create_engine_config(orig: Any) -> Any:
     in ``--additional-config``) gets MegaContext's defaults where the user left vLLM's
     choice open: the scheduler, the V1 model runner, block size 32, sync scheduling, a KV
     pool that fits the machine on the CPU backend (:func:`size_cpu_kv_cache`), the
-    prompt-embeddings route for a compiled model (:func:`compile_for_megacontext`). What
+    prompt-embeddings route for a compiled model (:func:`compile_for_megacontext`), vLLM's
+    Ray executor through the CPU adapter on a CPU (mc_vllm/vllm/ray_cpu.py). What
     the user set explicitly is kept; MCScheduler refuses it if MegaContext cannot run so."""
 
     @functools.wraps(orig)
@@ -618,6 +619,10 @@ def wrap_create_engine_config(orig: Any) -> Any:
                 self.async_scheduling = False
             compile_for_megacontext(self)
             config = orig(self, *args, **kwargs)
+            if config.parallel_config.distributed_executor_backend == "ray":
+                from mc_vllm.vllm.ray_cpu import adapt_ray_backend
+
+                adapt_ray_backend(config.parallel_config)  # CPU: vLLM's has no Ray device
             check_engine(read_engine_settings(config))  # refuse now, not after model load
             return config
         return orig(self, *args, **kwargs)

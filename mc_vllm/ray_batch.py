@@ -6,13 +6,13 @@ of documents through the pool of replicas.
     from mc_vllm.ray_batch import generate_dataset
 
     ds = ray.data.read_json("docs.jsonl")            # a "text" column, any length
-    out = generate_dataset(ds, "models/tiny-reader", replicas=2, max_tokens=32)
+    out = generate_dataset(ds, "models/tiny-reader", replicas=2, sampling={"max_tokens": 32})
     out.write_json("out/")                            # or .write_parquet("out/")
 
 Documents may be far longer than the model's ``max_model_len``: every one is a MegaContext
 request (its working context is what vLLM holds). On GPUs a replica takes one GPU
-(``num_gpus=1``); on a CPU machine N replicas share the cores (``num_cpus`` each, and
-``omp_threads`` OpenMP threads each). Ray Data shows its progress bar while the dataset
+(``num_gpus=1``); on a CPU machine N replicas share the cores (``num_cpus`` each, the cores'
+OpenMP threads split among them). Ray Data shows its progress bar while the dataset
 streams; each output row adds ``generated_text``, ``generated_token_ids``,
 ``history_tokens`` (the document's length in tokens) and ``replica`` (which actor served
 it) to the input row.
@@ -39,17 +39,12 @@ class MegaContextReplica:
         megacontext: MegaContext engine options (``{"w_max": 256}``, ...).
         sampling: ``vllm.SamplingParams`` arguments (default: greedy, 64 tokens).
         engine: more ``vllm.LLM`` arguments (``max_model_len``, ``dtype``, ...).
-        omp_threads: OpenMP threads of this replica's CPU engine (None: leave vLLM's).
     """
 
     def __init__(self, model: str, *, text_column: str = "text",
                  megacontext: dict[str, Any] | None = None,
-                 sampling: dict[str, Any] | None = None, engine: dict[str, Any] | None = None,
-                 omp_threads: int | None = None) -> None:
-        if omp_threads is not None:
-            # several engines on one machine's cores: no per-engine core binding
-            os.environ.setdefault("OMP_NUM_THREADS", str(omp_threads))
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                 sampling: dict[str, Any] | None = None,
+                 engine: dict[str, Any] | None = None) -> None:
         from vllm import SamplingParams
 
         from .llm import MegaContextLLM
@@ -97,7 +92,13 @@ def generate_dataset(ds: Any, model: str, *, replicas: int, batch_size: int = 4,
         raise ValueError(f"replicas={replicas}, batch_size={batch_size}: both must be >= 1")
     if num_gpus is None:
         num_gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) else 0
-    omp = None if num_gpus else max(1, (os.cpu_count() or 1) // replicas)
+    remote_args: dict[str, Any] = {}
+    if not num_gpus:
+        # several CPU engines share the node's cores: OpenMP threads split among them and
+        # no per-engine core binding, set before each actor process starts
+        omp = max(1, (os.cpu_count() or 1) // replicas)
+        remote_args["runtime_env"] = {"env_vars": {
+            "OMP_NUM_THREADS": str(omp), "VLLM_CPU_OMP_THREADS_BIND": "nobind"}}
     ctx = ray.data.DataContext.get_current()
     if ctx.wait_for_min_actors_s <= 0:
         # every replica loads its engine before documents stream, so they spread over all
@@ -108,4 +109,4 @@ def generate_dataset(ds: Any, model: str, *, replicas: int, batch_size: int = 4,
         concurrency=replicas, num_gpus=num_gpus, num_cpus=num_cpus,
         fn_constructor_kwargs={"model": model, "text_column": text_column,
                                "megacontext": megacontext, "sampling": sampling,
-                               "engine": engine, "omp_threads": omp})
+                               "engine": engine}, **remote_args)

@@ -448,6 +448,8 @@ class MCScheduler(Scheduler):  # type: ignore[misc, valid-type]
         return self.pages.allocate()
 
     def _apply_actions(self, st: MCRequest, actions: list[Action]) -> None:
+        if not actions:
+            return  # nothing moved: no slot to forget, no position to settle (most refocuses)
         st.edits += 1
         for a in actions:
             st.wc.apply(a)

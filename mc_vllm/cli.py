@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench", help="a benchmark against vanilla vLLM (bench/NAME.py; "
                        "its flags follow)")
-    p.add_argument("name", choices=["throughput", "decode", "ingest", "quality"])
+    p.add_argument("name", choices=["throughput", "serve", "decode", "ingest", "quality"])
     p.set_defaults(fn=cmd_bench, passthrough=True)
 
     p = sub.add_parser("sessions", help="list, show or delete persistent sessions")

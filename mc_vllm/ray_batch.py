@@ -25,9 +25,6 @@ from typing import Any
 
 import numpy as np
 
-# output columns added to every row
-OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "history_tokens", "replica")
-
 
 class MegaContextReplica:
     """One replica: a MegaContextLLM built once per Ray actor, called on batches of rows

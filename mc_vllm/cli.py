@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     # no -h of its own: `mc-vllm bench NAME -h` shows the benchmark's flags
     p = sub.add_parser("bench", add_help=False, help="a benchmark against vanilla vLLM "
                        "(bench/NAME.py; its flags, -h included, follow)")
-    p.add_argument("name", choices=["throughput", "serve", "profile", "decode", "ingest",
+    p.add_argument("name", choices=["throughput", "serve", "hotspots", "decode", "ingest",
                                     "quality"])
     p.set_defaults(fn=cmd_bench, passthrough=True)
 

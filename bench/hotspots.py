@@ -1,8 +1,8 @@
 """Where MegaContext's time goes: cProfile of decode steps or of one ingest, on the
 settings of ``bench/throughput.py`` (tiny-llama, W_max 256, a 576-page pool).
 
-    python bench/profile.py decode [--history 16] [--concurrency 32] [--steps 100]
-    python bench/profile.py ingest [--history 64]
+    python bench/hotspots.py decode [--history 16] [--concurrency 32] [--steps 100]
+    python bench/hotspots.py ingest [--history 64]
         [--model models/tiny-llama] [--w-max 256] [--top 40]
 
 ``decode``: C requests of HISTORY x W_max tokens are ingested, then ``--steps`` engine

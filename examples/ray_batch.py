@@ -42,7 +42,9 @@ def passkey_documents(model: str, n: int, length: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(ROOT / "models" / "tiny-reader"))
-    ap.add_argument("--input", help="JSONL or Parquet file(s) with a text column")
+    ap.add_argument("--input", help="JSONL or Parquet file or directory with a text column")
+    ap.add_argument("--input-format", choices=("jsonl", "parquet"),
+                    help="default: parquet for a path ending in .parquet, else jsonl")
     ap.add_argument("--text-column", default="text")
     ap.add_argument("--docs", type=int, default=8, help="passkey documents (no --input)")
     ap.add_argument("--length", type=int, default=8, help="document length, x W_max")
@@ -65,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(num_cpus=max(os.cpu_count() or 1, args.replicas + 2), include_dashboard=False)
     w_max = with_stack(None, args.model).get("w_max", 256)
     if args.input:
-        reader = ray.data.read_parquet if args.input.endswith(".parquet") else ray.data.read_json
-        ds = reader(args.input)
+        fmt = args.input_format or ("parquet" if args.input.endswith(".parquet") else "jsonl")
+        ds = (ray.data.read_parquet if fmt == "parquet" else ray.data.read_json)(args.input)
     else:
         ds = ray.data.from_items(passkey_documents(args.model, args.docs, args.length * w_max))
     t0 = time.perf_counter()

@@ -45,15 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     import throughput
     from vllm import SamplingParams
 
-    from mc_vllm.llm import MegaContextLLM
 
     w = args.w_max
     history = (args.history or (16 if args.phase == "decode" else 64)) * w
-    llm = MegaContextLLM(args.model, megacontext={"w_max": w},
-                         max_model_len=w + args.output_len + 64, dtype="float32",
-                         block_size=32, enforce_eager=True,
-                         num_gpu_blocks_override=args.pool_pages,
-                         enable_prefix_caching=False, max_num_seqs=args.concurrency)
+    llm = throughput.mc_engine(args.model, w, args.output_len, args.pool_pages,
+                               args.concurrency)
     sched = llm.scheduler()
     sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
                         extra_args={"mc": 1})

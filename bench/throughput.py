@@ -100,20 +100,32 @@ def run_config(engine: Any, add: Any, scheduler: Any, prompts: list[list[int]], 
     return r
 
 
+def engine_args(pool_pages: int, max_num_seqs: int) -> dict[str, Any]:
+    """The engine arguments every method shares (also bench/hotspots.py's)."""
+    return {"dtype": "float32", "block_size": PAGE, "enforce_eager": True,
+            "num_gpu_blocks_override": pool_pages, "enable_prefix_caching": False,
+            "max_num_seqs": max_num_seqs}
+
+
+def mc_engine(model: str, w_max: int, output_len: int, pool_pages: int,
+              max_num_seqs: int) -> Any:
+    """The MegaContext engine of the sweep (a MegaContextLLM, engine core in process)."""
+    from mc_vllm.llm import MegaContextLLM
+
+    return MegaContextLLM(model, megacontext={"w_max": w_max},
+                          max_model_len=w_max + output_len + 2 * PAGE,
+                          **engine_args(pool_pages, max_num_seqs))
+
+
 def worker(method: str, args: argparse.Namespace, histories: list[int]) -> dict[str, Any]:
     """One engine (one process) for ``method``; every configuration it can run."""
     from vllm import LLM, SamplingParams
 
     w, out_len = args.w_max, args.output_len
-    common = {"dtype": "float32", "block_size": PAGE, "enforce_eager": True,
-              "num_gpu_blocks_override": args.pool_pages, "enable_prefix_caching": False,
-              "max_num_seqs": max(args.concurrency)}
+    common = engine_args(args.pool_pages, max(args.concurrency))
     results: dict[str, Any] = {}
     if method == "megacontext":
-        from mc_vllm.llm import MegaContextLLM
-
-        llm = MegaContextLLM(args.model, megacontext={"w_max": w},
-                             max_model_len=w + out_len + 2 * PAGE, **common)
+        llm = mc_engine(args.model, w, out_len, args.pool_pages, max(args.concurrency))
         sched = llm.scheduler()
         sp = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True,
                             extra_args={"mc": 1})

@@ -44,9 +44,8 @@ class CpuRayWorkerProc(RayWorkerProc):
 
 
 class CpuRayExecutor(RayExecutorV2):
-    """``RayExecutorV2`` with workers placed by the custom resource :data:`RESOURCE`."""
-
-    uses_ray = True
+    """``RayExecutorV2`` with workers placed by the custom resource :data:`RESOURCE`
+    (``uses_ray`` inherited: vLLM treats it as its Ray executor)."""
 
     def _init_executor(self) -> None:
         # read by the placement group (ray_utils.initialize_ray_cluster), the bundle sort
